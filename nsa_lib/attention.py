@@ -1,0 +1,209 @@
+"""Spectral-Entropy Attention: softmax attention with a learnable "fractal" term, plus a sigmoid
+"spectral" side path (SPEC section 3).
+
+Per head, with scores A = Q Kᵀ / √d and real-key mask m, one fractal step is
+
+    P = A diag(m) Aᵀ,   N[i, :] = P[i, :] / max(‖P[i, real j]‖₂, 1e-12),   A ← A + w N.
+
+Forming P costs O(S³). It has rank ≤ d, so this module never forms it:
+
+    P = Q (Kᵀ diag(m) K / d) Qᵀ = Q M Qᵀ                          (M: d×d)
+    ‖P[i, real j]‖² = Σ_j m_j (q_iᵀ M q_j)² = q_iᵀ M G M q_i        (G = Qᵀ diag(m) Q: d×d)
+    A + w N = [Q/√d , (w/n) ⊙ Q M] · [K , Q]ᵀ
+
+i.e. ordinary attention with the head dimension doubled, which `scaled_dot_product_attention` runs with
+its fused kernels (O(S) memory; FlashAttention/cuDNN on a GPU). A second step repeats this on the
+augmented pair (head dim 4d), and so on. The identity is exact (tests/test_attention.py checks it
+against the literal O(S³) formula in float64).
+
+The spectral path is one sigmoid "head" of width ds: sy = st(sigmoid(qs ksᵀ/√ds)² · vs), masked keys
+contributing nothing. It is O(S² ds); for long sequences it runs in query chunks (recomputed in the
+backward pass) so that its memory stays O(chunk · S).
+
+Masking (the original's bug, fixed): padding never enters the fractal term, the norms or the spectral
+path, so a real token's output does not depend on padding or on batch-mates.
+
+Not handled here: causal masking, key/value caching, cross-attention.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import NSAConfig
+
+# helpers
+
+
+def fractal_augment(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
+                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold `len(weights)` fractal steps into an augmented (query, key) pair.
+
+    q, k: (B, h, S, D) with the softmax scale already in q, so that A = q kᵀ. key_mask: (B, S) bool,
+    True for real tokens, or None (no padding). Returns q', k' of head dim 2^t·D with q' k'ᵀ equal to
+    A after t steps. Runs in float32 at least (the norms are 4th powers of activations and overflow fp16).
+    """
+    out_dtype = q.dtype
+    work_dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.to(work_dtype), k.to(work_dtype)
+        m = None if key_mask is None else key_mask[:, None, :, None].to(work_dtype)  # (B, 1, S, 1)
+        for w in weights.to(work_dtype):
+            qm, km = (q, k) if m is None else (q * m, k * m)  # real rows only (m is 0/1, so m² = m)
+            M = km.transpose(-1, -2) @ km  # (B, h, D, D) = Σ_real k kᵀ, so that P = q M qᵀ
+            G = qm.transpose(-1, -2) @ qm  # (B, h, D, D) = Σ_real q qᵀ
+            R = q @ M  # (B, h, S, D): row i of P is R_i · qᵀ
+            norm_sq = ((R @ G) * R).sum(-1, keepdim=True)  # (B, h, S, 1) = ‖P[i, real j]‖²
+            inv_norm = norm_sq.clamp_min(1e-24).rsqrt()  # 1 / max(‖·‖, 1e-12)
+            q, k = torch.cat([q, R * (w * inv_norm)], dim=-1), torch.cat([k, q], dim=-1)
+    return q.to(out_dtype), k.to(out_dtype)
+
+
+MATERIALIZED_SCORES_MAX_LEN = int(os.environ.get("NSA_MATERIALIZED_MAX_LEN", 256))
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ, masked keys -inf) v for q, k (B, h, S, D) and v (B, h, S, d) with D ≥ d; no scaling.
+
+    Fused kernels want equal head dims, so v is padded with zeros to D and the result sliced. On a CPU,
+    for short sequences, materialising the (S, S) scores is cheaper than the padded fused kernel
+    (measured in bench/attention.py), so that path is taken there.
+    """
+    D, d = q.shape[-1], v.shape[-1]
+    if D != d and q.device.type == "cpu" and q.shape[-2] <= MATERIALIZED_SCORES_MAX_LEN:
+        scores = q @ k.transpose(-1, -2)  # (B, h, S, S)
+        if key_mask is not None:
+            scores = scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(-1) @ v
+    sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S): True = attend
+    if D != d:
+        v = F.pad(v, (0, D - d))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=1.0)[..., :d]
+
+
+class _SigmoidSquaredAttention(torch.autograd.Function):
+    """out = sigmoid(qs ksᵀ)² vs for (B, Sq, ds) x (B, S, ds) x (B, S, ds), the scale already in qs.
+
+    Saves only the sigmoid map g (not the scores, not g²) and runs its backward in place:
+    d out/d s = 2 g · g (1 - g), so ds = 2 · (dsp ⊙ g²) ⊙ (1 - g) with dsp = dout vsᵀ.
+    """
+
+    @staticmethod
+    def forward(ctx, qs, ks, vs):
+        ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
+        with torch.autocast(qs.device.type, enabled=False):
+            g = torch.sigmoid_(qs @ ks.transpose(1, 2))  # (B, Sq, S)
+            out = (g * g) @ vs
+        ctx.save_for_backward(qs, ks, vs, g)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qs, ks, vs, g = ctx.saved_tensors
+        sp = g * g
+        dvs = sp.transpose(1, 2) @ dout if ctx.needs_input_grad[2] else None
+        ds = (dout @ vs.transpose(1, 2)).mul_(sp)  # dsp ⊙ g²
+        ds.addcmul_(ds, g, value=-1.0)  # ⊙ (1 - g); the factor 2 goes on the (smaller) results below
+        dqs = 2.0 * (ds @ ks) if ctx.needs_input_grad[0] else None
+        dks = 2.0 * (ds.transpose(1, 2) @ qs) if ctx.needs_input_grad[1] else None
+        return dqs, dks, dvs
+
+
+def _sigmoid_sq_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    return _SigmoidSquaredAttention.apply(qs, ks, vs)
+
+
+def spectral_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, key_mask: torch.Tensor | None,
+                       chunk_size: int = 512) -> torch.Tensor:
+    """The spectral path's core: sigmoid(qs ksᵀ / √ds)² with masked key columns zeroed, times vs.
+
+    qs, ks, vs: (B, S, ds). Zeroing the masked rows of vs is the same as zeroing the masked columns of
+    the sigmoid map, and costs O(S·ds) instead of O(S²). Queries run in chunks of `chunk_size`, each
+    recomputed in the backward pass, so that memory stays O(chunk_size · S) for long sequences.
+    """
+    qs = qs * qs.shape[-1] ** -0.5
+    if key_mask is not None:
+        vs = vs * key_mask[:, :, None].to(vs.dtype)
+    S = qs.shape[1]
+    if S <= chunk_size:
+        return _sigmoid_sq_attention(qs, ks, vs)
+    recompute = torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad or vs.requires_grad)
+    chunks = []
+    for start in range(0, S, chunk_size):
+        q_chunk = qs[:, start:start + chunk_size]
+        if recompute:
+            chunks.append(checkpoint(_sigmoid_sq_attention, q_chunk, ks, vs, use_reentrant=False))
+        else:
+            chunks.append(_sigmoid_sq_attention(q_chunk, ks, vs))
+    return torch.cat(chunks, dim=1)
+
+
+# classes
+
+
+class SpectralEntropyAttention(nn.Module):
+    """One post-LN attention sub-block: LN(x + o(y) + clamp(f, 0, 0.5) · sy).
+
+    `forward(hidden_states (B, S, H), attention_mask (B, S), 1 = real token)` -> (B, S, H).
+    With `config.use_spectral=False` it is plain multi-head attention and has no spectral parameters.
+    Parameter names follow the original's checkpoints (q, k, v, o, sq, sk, sv, st, fractal_weights,
+    spectral_fusion_weight, ln).
+    """
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        H, ds = config.hidden_size, config.spectral_dim
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.use_spectral = config.use_spectral
+        self.spectral_chunk_size = config.spectral_chunk_size
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+        self.dropout = nn.Dropout(config.dropout)
+        self.ln = nn.LayerNorm(H)
+        if self.use_spectral:
+            self.sq, self.sk, self.sv = (nn.Linear(H, ds) for _ in range(3))
+            self.st = nn.Linear(ds, H, bias=False)
+            self.fractal_weights = nn.Parameter(torch.full((config.fractal_depth,), config.fractal_init),
+                                                requires_grad=config.learnable_fractal)
+            self.spectral_fusion_weight = nn.Parameter(torch.tensor(config.spectral_fusion_init),
+                                                       requires_grad=config.learnable_spectral_fusion)
+
+    def _input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k, v (and sq, sk, sv) weights stacked into one GEMM, the softmax scale folded into q."""
+        scale = self.head_dim ** -0.5
+        linears = [self.q, self.k, self.v] + ([self.sq, self.sk, self.sv] if self.use_spectral else [])
+        weight = torch.cat([self.q.weight * scale] + [lin.weight for lin in linears[1:]])
+        bias = torch.cat([self.q.bias * scale] + [lin.bias for lin in linears[1:]])
+        return weight, bias
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = hidden_states
+        if x.dim() != 3 or x.shape[-1] != self.q.in_features:
+            raise ValueError(f"hidden_states must be (batch, seq, {self.q.in_features}), got {tuple(x.shape)}")
+        B, S, H = x.shape
+        key_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must be (batch, seq) = {(B, S)}, got {tuple(attention_mask.shape)}")
+            key_mask = attention_mask.bool()
+
+        projected = F.linear(x, *self._input_projection())  # (B, S, 3H [+ 3ds])
+        widths = [H] * 3 + ([self.sq.out_features] * 3 if self.use_spectral else [])
+        q, k, v, *spectral_qkv = projected.split(widths, dim=-1)  # one split: its backward is one cat
+        q, k, v = (t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, S, d)
+        if not self.use_spectral:
+            y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
+            return self.ln(x + self.o(self.dropout(y.transpose(1, 2).reshape(B, S, H))))
+
+        q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
+        y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
+        sy = spectral_attention(*spectral_qkv, key_mask, self.spectral_chunk_size)  # (B, S, ds)
+        # o(y) + clamp(f) st(sy) as one GEMM over [y, sy]
+        fusion = self.spectral_fusion_weight.clamp(0.0, 0.5)
+        merged = torch.cat([self.dropout(y.transpose(1, 2).reshape(B, S, H)), sy], dim=-1)  # (B, S, H + ds)
+        out = F.linear(merged, torch.cat([self.o.weight, fusion * self.st.weight], dim=1), self.o.bias)
+        return self.ln(x + out)

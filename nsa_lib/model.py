@@ -1,0 +1,342 @@
+"""The Spectra-NSA encoder and its embedding heads (SPEC sections 2 and 4).
+
+    ids (B, S) -> tok_emb + pos_emb -> dropout -> N x [SpectralEntropyAttention -> SwiGLU FFN] -> LN
+               -> pooled p (B, H) -> heads: semantic / entity Matryoshka, retrieval128, anchor64,
+                  and the ranking head (anomalous vector, spectral vector, anomaly score, ranking embedding)
+
+Parameter names are the original's (SPEC 7), so its checkpoints load with `load_seed_checkpoint`.
+`save_pretrained(dir)` / `NSAModel.from_pretrained(dir)` write and read config.json + model.safetensors,
+the layout the Hugging Face Hub expects (a saved folder can be uploaded as it is).
+
+Not handled here: tokenisation (see the data module), token-type embeddings, decoding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import SpectralEntropyAttention
+from .config import PRESETS, NSAConfig
+
+# helpers
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real tokens: hidden (B, S, H), mask (B, S) 1 = real -> (B, H)."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, S, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+# classes
+
+
+class SwiGLU(nn.Module):
+    """LN(x + dropout(w3(silu(w1 x) * w2 x))), inner size ff_mult * hidden."""
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        H, inner = config.hidden_size, config.ff_mult * config.hidden_size
+        self.w1, self.w2, self.w3 = nn.Linear(H, inner), nn.Linear(H, inner), nn.Linear(inner, H)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ln = nn.LayerNorm(H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x + self.dropout(self.w3(F.silu(self.w1(x)) * self.w2(x))))
+
+
+class NSABlock(nn.Module):
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        self.attn = SpectralEntropyAttention(config)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.ffn(self.attn(x, mask))
+
+
+class NSAEncoder(nn.Module):
+    """Token + learned position embeddings, `num_layers` blocks, final LayerNorm: (B, S) -> (B, S, H)."""
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_emb = nn.Embedding(config.max_positions, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(NSABlock(config) for _ in range(config.num_layers))
+        self.ln = nn.LayerNorm(config.hidden_size)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        S = input_ids.shape[1]
+        if attention_mask is None:
+            positions = torch.arange(S, device=input_ids.device)[None, :]
+        else:  # count real tokens, so that left padding gives the same positions as right padding
+            positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(positions))  # (B, S, H)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attention_mask, use_reentrant=False)
+            else:
+                x = block(x, attention_mask)
+        return self.ln(x)
+
+
+class MatryoshkaHead(nn.Module):
+    """z = normalize(LN(proj(p))); returns {d: normalize(z[:d]) for d in dims} (dims decreasing)."""
+
+    def __init__(self, hidden_size: int, dims: list[int]):
+        super().__init__()
+        self.dims = list(dims)
+        self.proj = nn.Linear(hidden_size, self.dims[0])
+        self.norm = nn.LayerNorm(self.dims[0])
+
+    def forward(self, pooled: torch.Tensor) -> dict[int, torch.Tensor]:
+        z = self.norm(self.proj(pooled))  # (B, dims[0]); normalising z first changes no prefix direction
+        return {d: F.normalize(z[:, :d], dim=-1) for d in self.dims}
+
+
+class RankingHead(nn.Module):
+    """The anomalous/OOD head and the ranking embedding (SPEC 4).
+
+    anomalous = to_anom(mean-pooled tokens)                      (B, A)
+    spectral  = to_spec(anomalous)                               (B, ds)
+    score     = 1 - sigmoid(max_b |anomalous · basis_b|)         (B,)
+    ranking   = normalize(out([anomalous * score, spectral]))    (B, ranking_dim)
+    """
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        H, A, ds = config.hidden_size, config.anomalous_dim, config.spectral_dim
+        self.anom_basis = nn.Parameter(torch.randn(config.num_anomalous_basis, A) * 0.02)
+        self.to_anom = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H),
+                                     nn.Linear(2 * H, A), nn.GELU(), nn.LayerNorm(A))
+        self.to_spec = nn.Sequential(nn.Linear(A, ds), nn.Tanh(), nn.Linear(ds, ds), nn.LayerNorm(ds))
+        self.out = nn.Sequential(nn.Linear(A + ds, config.ranking_dim), nn.LayerNorm(config.ranking_dim))
+
+    def forward(self, token_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+        anomalous = self.to_anom(token_mean)
+        spectral = self.to_spec(anomalous)
+        score = 1.0 - torch.sigmoid((anomalous @ self.anom_basis.T).abs().amax(-1))  # (B,)
+        ranking = F.normalize(self.out(torch.cat([anomalous * score[:, None], spectral], dim=-1)), dim=-1)
+        return {"anomalous": anomalous, "spectral": spectral, "anomaly_score": score, "embedding_ranking": ranking}
+
+
+class NSAModel(nn.Module):
+    """The Spectra-NSA sentence encoder with all its heads.
+
+    `model(input_ids=ids, attention_mask=mask)` with ids (B, S) and mask (B, S), 1 = real token, returns a
+    dict: `embedding_semantic` {768, 512, 256}, `entity` {384, 192, 96}, `retrieval128`, `anchor64` (if
+    enabled), `anomalous`, `spectral`, `anomaly_score`, `embedding_ranking`, `pooled`, `last_hidden_state`.
+    All embeddings are L2-normalised. A real token's output does not depend on padding or batch-mates.
+
+    Example:
+        >>> model = NSAModel(NSAConfig.from_preset("tiny")).eval()
+        >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
+        >>> out["embedding_semantic"][64].shape
+        torch.Size([1, 64])
+    """
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"NSAModel needs an NSAConfig, got {type(config).__name__}")
+        self.config = config
+        H = config.hidden_size
+        self.backbone = NSAEncoder(config)
+        self.sem_head = MatryoshkaHead(H, config.sem_dims)
+        self.ent_head = MatryoshkaHead(H, config.ent_dims)
+        self.retr = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, config.retrieval_dim))
+        self.anchor = nn.Sequential(nn.Linear(H, config.anchor_dim), nn.LayerNorm(config.anchor_dim)) \
+            if config.use_anchor64 else None
+        self.rank_head = RankingHead(config)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.config.gradient_checkpointing = enabled
+        self.backbone.gradient_checkpointing = enabled
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        """Validate shapes and values; returns whether the batch has padding. One device sync."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
+        B, S = input_ids.shape
+        if B == 0 or S == 0:
+            raise ValueError(f"empty batch: input_ids has shape {(B, S)}")
+        if input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if S > self.config.max_positions:
+            raise ValueError(f"sequence length {S} exceeds max_positions {self.config.max_positions}; "
+                             f"truncate to max_length={self.config.max_length}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
+        lowest, highest = input_ids.min(), input_ids.max()
+        real = torch.full((B,), S, device=input_ids.device) if attention_mask is None else attention_mask.ne(0).sum(1)
+        lowest, highest, fewest_real = torch.stack([lowest, highest, real.min().to(lowest.dtype)]).tolist()
+        if lowest < 0 or highest >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got min {lowest}, max {highest}: "
+                             f"is the tokenizer's vocabulary the model's?")
+        if fewest_real == 0:
+            empty = (real == 0).nonzero().flatten().tolist()
+            raise ValueError(f"sequence(s) {empty} have no real tokens (attention_mask all zeros)")
+        return fewest_real < S
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        has_padding = self._check_inputs(input_ids, attention_mask)
+        mask = attention_mask.ne(0) if (attention_mask is not None and has_padding) else None
+        hidden = self.backbone(input_ids, mask)  # (B, S, H)
+        token_mean = masked_mean(hidden, mask)  # (B, H)
+        pooled = hidden[:, 0] if self.config.pooling == "cls" else token_mean
+        out: dict[str, Any] = {
+            "embedding_semantic": self.sem_head(pooled),
+            "entity": self.ent_head(pooled),
+            "retrieval128": F.normalize(self.retr(pooled), dim=-1),
+        }
+        if self.anchor is not None:
+            out["anchor64"] = F.normalize(self.anchor(pooled), dim=-1)
+        out.update(self.rank_head(token_mean))
+        out["pooled"], out["last_hidden_state"] = pooled, hidden
+        return out
+
+    # persistence: config.json + model.safetensors
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write config.json and model.safetensors into `save_directory` (created if needed), atomically:
+        each file goes to a temporary name first, then is renamed."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_weights, tmp_config = folder / "model.safetensors.tmp", folder / "config.json.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_weights),
+                  metadata={"format": "pt", "library": "nsa_lib"})
+        self.config.to_json(tmp_config)
+        tmp_weights.replace(folder / "model.safetensors")
+        tmp_config.replace(folder / "config.json")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu",
+                        **config_overrides: Any) -> "NSAModel":
+        """Load a folder written by `save_pretrained`; `config_overrides` change non-shape settings
+        (e.g. `dropout=0.0`, `gradient_checkpointing=True`). Returns the model in eval mode."""
+        folder = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: not a folder written by NSAModel.save_pretrained")
+        config = NSAConfig.from_dict({**NSAConfig.from_json(folder / "config.json").to_dict(), **config_overrides})
+        model = cls(config)
+        load_state_dict_checked(model, load_file(str(folder / "model.safetensors")), source=str(folder))
+        return model.to(map_location).eval()
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """`load_state_dict(strict=True)` with an error that names the source and the first mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. " + "; ".join(wrong[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise ValueError(f"{source} does not fit this model configuration: " + ", ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+# the original's checkpoints (SPEC 7)
+
+def _config_from_seed_state(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> NSAConfig:
+    """An NSAConfig for an original checkpoint: its `cfg` where it names our fields, shapes from the weights,
+    and an error where the two disagree."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise ValueError(f"not a Spectra-NSA checkpoint: its state dict has no {key!r}")
+        return tuple(state[key].shape)
+
+    vocab, hidden = shape("backbone.tok_emb.weight")
+    layer_ids = {int(k.split(".")[2]) for k in state if k.startswith("backbone.layers.")}
+    derived: dict[str, Any] = {
+        "vocab_size": vocab, "hidden_size": hidden, "max_positions": shape("backbone.pos_emb.weight")[0],
+        "num_layers": len(layer_ids), "ff_mult": shape("backbone.layers.0.ffn.w1.weight")[0] // hidden,
+        "use_spectral": "backbone.layers.0.attn.sq.weight" in state,
+        "use_anchor64": "anchor.0.weight" in state,
+        "retrieval_dim": shape("retr.2.weight")[0], "ranking_dim": shape("rank_head.out.0.weight")[0],
+    }
+    derived["num_anomalous_basis"], derived["anomalous_dim"] = shape("rank_head.anom_basis")
+    derived["spectral_dim"] = shape("rank_head.to_spec.0.weight")[0]
+    if derived["use_spectral"]:
+        derived["fractal_depth"] = shape("backbone.layers.0.attn.fractal_weights")[0]
+    if derived["use_anchor64"]:
+        derived["anchor_dim"] = shape("anchor.0.weight")[0]
+
+    known = NSAConfig.from_dict(cfg, strict=False).to_dict() if cfg else {}
+    given = {k: v for k, v in cfg.items() if k in known}
+    for key, value in derived.items():
+        if key in given and given[key] != value:
+            raise ValueError(f"checkpoint cfg says {key}={given[key]!r} but its weights have {key}={value!r}: "
+                             f"the weights do not belong to this configuration")
+    size = str(cfg.get("size", "M456"))
+    base = NSAConfig.from_preset(size).to_dict() if size.lower() in {k.lower() for k in PRESETS} else {}
+    merged = {**base, **given, **derived}
+    if "num_heads" not in merged:
+        raise ValueError(f"checkpoint cfg names no num_heads and its size {size!r} is no preset")
+    for key, first in (("sem_dims", shape("sem_head.proj.weight")[0]), ("ent_dims", shape("ent_head.proj.weight")[0])):
+        if merged.get(key, [None])[0] != first:
+            raise ValueError(f"checkpoint {key} {merged.get(key)} do not match its head of width {first}")
+    return NSAConfig.from_dict(merged, strict=False)
+
+
+def load_seed_checkpoint(path_or_dict: str | Path | dict, *, map_location: str | torch.device = "cpu",
+                         **config_overrides: Any) -> NSAModel:
+    """Turn a checkpoint of the original Spectra-NSA 0.1.0-alpha into an `NSAModel` (eval mode).
+
+    Accepts the path of a `torch.save`d dict with `model` (state dict) and `cfg` (the original Config as a
+    dict; see SPEC 7), the dict itself, or a bare state dict. The architecture comes from the weights'
+    shapes and `cfg`; a contradiction between them, or weights that do not fit, raises `ValueError` naming
+    the tensor. `config_overrides` change non-shape settings (e.g. `dropout=0.0`).
+    """
+    if isinstance(path_or_dict, (str, Path)):
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # the original also pickled numpy RNG state, which weights_only refuses
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        source = str(path)
+    else:
+        ckpt, source = path_or_dict, "checkpoint dict"
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{source}: expected a dict, got {type(ckpt).__name__}")
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{source}: its 'model' entry is not a state dict of tensors")
+    cfg = dict(ckpt.get("cfg") or {})
+    config = _config_from_seed_state(state, cfg)
+    if config_overrides:
+        config = NSAConfig.from_dict({**config.to_dict(), **config_overrides})
+    model = NSAModel(config)
+    load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source=source)
+    return model.to(map_location).eval()
