@@ -267,13 +267,14 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 def estimate_training_memory(config: NSAConfig, *, batch_size: int | None = None, seq_len: int | None = None,
                              precision: str = "no", gradient_checkpointing: bool | None = None,
                              sequences_per_example: int = 3) -> dict[str, float]:
-    """Bytes a training step holds: weights, gradients, AdamW states and activations.
+    """Bytes a training step holds on a GPU: weights, gradients, AdamW states and activations.
 
     A micro-batch of `batch_size` triplets is `sequences_per_example * batch_size` sequences of `seq_len`
     tokens. Weights, gradients and the two Adam moments stay fp32 under mixed precision (as `accelerate`
     keeps them); activations are stored in the compute dtype. The activation count follows the tensors
-    that autograd saves per block (checked against a real forward in the tests); with gradient
-    checkpointing only each block's input is kept, plus one block's activations during its recompute.
+    that autograd saves per block with fused attention kernels (checked against a real forward in the
+    tests); with gradient checkpointing only each block's input is kept, plus one block's activations
+    during its recompute. On a CPU, short sequences take a path that also keeps the (S, S) scores.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -284,22 +285,22 @@ def estimate_training_memory(config: NSAConfig, *, batch_size: int | None = None
     H, h, ds, F = config.hidden_size, config.num_heads, config.spectral_dim, config.ff_mult * config.hidden_size
     n_params = estimate_parameters(config)
 
-    # elements saved by autograd per token of one block (see tests/test_config.py for the measurement)
-    attn = 5 * H  # block input, q, k, v, merged heads (+ their dropout masks are bytes, ignored)
-    if config.use_spectral:
-        D = 2 * H  # the augmented query/key of the fractal step: head dim doubled, fractal_depth 1
-        for _ in range(config.fractal_depth - 1):
-            D *= 2
-        attn += 2 * D + 4 * ds + 2 * H  # q', k', spectral q/k/v/out, sy, o(y)
-        attn += 2 * S  # the spectral sigmoid map (one head, S keys per query) and its square
-    attn += 2 * H  # pre-LN sum and LN output
-    ffn = 3 * F + 3 * H  # w1 x, w2 x, silu*gate; w3 out, pre-LN sum, LN output
-    per_token_block = attn + ffn + h  # + the softmax log-sum-exp per head
+    # Floats that autograd saves per token and block, measured with saved-tensor hooks on the fused
+    # attention path that GPUs take (tests/test_config.py repeats the measurement): the FFN keeps
+    # w1 x, w2 x, silu(w1 x), their product and two H-wide tensors (4F + 2H); the attention block keeps
+    # about 25 H (input, q/k/v, the fractal step's q', k', zero-padded v, kernel output, merged heads,
+    # residual and LayerNorm) + 4 ds + the spectral sigmoid map (S per token: one head).
+    # Each further fractal step doubles the augmented head dim (+8 H per step, roughly).
+    attn = 25 * H + 4 * ds + S + 8 * H * (2 ** (config.fractal_depth - 1) - 1) if config.use_spectral else 15 * H
+    per_token_block = attn + 4 * F + 2 * H + h
+    # the block also saves its stacked projection weights (one GEMM for q, k, v, sq, sk, sv and one for o, st)
+    width = 3 * H + (3 * ds if config.use_spectral else 0)
+    per_block_weights = width * H + H * (H + (ds if config.use_spectral else 0))
     tokens = B * S
-    if ckpt:
-        activations = tokens * (config.num_layers * H + per_token_block)
+    if ckpt:  # block inputs, plus one block recomputed during the backward pass
+        activations = tokens * (config.num_layers * H + per_token_block) + per_block_weights
     else:
-        activations = tokens * config.num_layers * per_token_block
+        activations = tokens * config.num_layers * per_token_block + config.num_layers * per_block_weights
     activations += tokens * (2 * H)  # embeddings and final LN
     out = {
         "parameters": n_params,

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with the CPU build of torch and the rest of
+# requirements.txt. Idempotent: a second run only checks. In Colab, use `pip install -r requirements.txt`
+# instead (Colab already has a CUDA torch).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+# torch first, pinned to the CPU build on local disk: an open `torch` could pull a multi-GB CUDA build
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    $PIP install --quiet --disable-pip-version-check "torch==2.13.0"
+fi
+$PIP install --quiet --disable-pip-version-check -r requirements.txt
+.venv/bin/python -c "import nsa_lib, torch; print(f'nsa_lib {nsa_lib.__version__} ready (torch {torch.__version__})')"
