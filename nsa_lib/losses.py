@@ -68,7 +68,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
         candidates = torch.cat([candidates, gathered(extra_keys)[0]], dim=0)
     logits = queries @ candidates.T / temperature  # (B, B_all [+ B'_all])
     labels = torch.arange(queries.shape[0], device=queries.device) + offset
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
 
 def symmetric_info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float,
@@ -165,7 +165,8 @@ class NSALoss(nn.Module):
                                     rowwise_cosine(anchor["embedding_ranking"], negative["embedding_ranking"])])
             terms["angular"] = F.mse_loss(fast, rank)
         if "spec" in self.weights:
-            spectral = torch.cat([out["spectral"] for out in (anchor, positive, negative)]).float()
+            spectral = torch.cat([out["spectral"] for out in (anchor, positive, negative)])
+            spectral = spectral.to(torch.promote_types(spectral.dtype, torch.float32))
             log_p = spectral.log_softmax(-1)
             terms["spec"] = (log_p.exp() * log_p).sum(-1).mean()  # = -entropy
         total = sum(self.weights[name] * value for name, value in terms.items())

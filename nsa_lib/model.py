@@ -12,6 +12,7 @@ Not handled here: tokenisation (see the data module), token-type embeddings, dec
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import SpectralEntropyAttention
 from .config import PRESETS, NSAConfig
+
+logger = logging.getLogger(__name__)
 
 # helpers
 
@@ -291,20 +294,30 @@ def _config_from_seed_state(state: dict[str, torch.Tensor], cfg: dict[str, Any])
     if derived["use_anchor64"]:
         derived["anchor_dim"] = shape("anchor.0.weight")[0]
 
-    known = NSAConfig.from_dict(cfg, strict=False).to_dict() if cfg else {}
-    given = {k: v for k, v in cfg.items() if k in known}
+    fields = set(NSAConfig().to_dict())
+    given = {k: v for k, v in cfg.items() if k in fields}
+    # the original's use_spectral / use_anchor64 toggled loss terms only: its weights say what was built
+    for toggle in ("use_spectral", "use_anchor64"):
+        if toggle in given and given[toggle] != derived[toggle]:
+            logger.info("checkpoint cfg has %s=%s but its weights %s that part; following the weights",
+                        toggle, given[toggle], "have" if derived[toggle] else "lack")
+            given.pop(toggle)
     for key, value in derived.items():
         if key in given and given[key] != value:
             raise ValueError(f"checkpoint cfg says {key}={given[key]!r} but its weights have {key}={value!r}: "
                              f"the weights do not belong to this configuration")
-    size = str(cfg.get("size", "M456"))
-    base = NSAConfig.from_preset(size).to_dict() if size.lower() in {k.lower() for k in PRESETS} else {}
-    merged = {**base, **given, **derived}
-    if "num_heads" not in merged:
-        raise ValueError(f"checkpoint cfg names no num_heads and its size {size!r} is no preset")
+    # what the weights' shapes cannot say (num_heads, the smaller Matryoshka dims) comes from the preset
+    # that cfg names, else the preset of the same width, else the original's default, M456
+    by_name = {k.lower(): k for k in PRESETS}.get(str(cfg.get("size", "")).lower())
+    if "size" in cfg and by_name is None and "num_heads" not in given:
+        raise ValueError(f"checkpoint cfg names size {cfg['size']!r}, which is no preset, and no num_heads")
+    same_width = [name for name, p in PRESETS.items() if p["hidden_size"] == hidden]
+    preset = by_name or (same_width[0] if same_width else "M456")
+    merged = {**NSAConfig.from_preset(preset).to_dict(), **given, **derived}
     for key, first in (("sem_dims", shape("sem_head.proj.weight")[0]), ("ent_dims", shape("ent_head.proj.weight")[0])):
-        if merged.get(key, [None])[0] != first:
-            raise ValueError(f"checkpoint {key} {merged.get(key)} do not match its head of width {first}")
+        if merged[key][0] != first:
+            raise ValueError(f"checkpoint {key} {merged[key]} do not match its head of width {first}"
+                             + ("" if key in given else f" (cfg names no {key}; preset {preset}'s were assumed)"))
     return NSAConfig.from_dict(merged, strict=False)
 
 
