@@ -4,8 +4,8 @@ shape and against the literal O(S³) formula of SPEC 3, at S = 64 ... 1024, all 
     python bench/attention.py                # the issue's shape: fp32, batch 8, hidden 256, 4 heads, ds 64
     python bench/attention.py --seq 128 512 --repeats 5
 
-Each sequence in the batch has a random length in [S/2, S] (padding as in training). Times are medians
-of `--repeats` timed runs after warm-up; ratios are against the plain block.
+Each sequence in the batch has a random length in [S/2, S] (padding as in training). The three blocks
+are timed in turns, `--repeats` rounds after warm-up; times are medians, ratios are against the plain block.
 """
 import argparse
 import statistics
@@ -20,19 +20,23 @@ from nsa_lib import NSAConfig, SpectralEntropyAttention  # noqa: E402
 from tests.reference import literal_attention  # noqa: E402
 
 
-def time_fwd_bwd(fn, x, repeats: int) -> float:
-    def once():
-        x.grad = None
-        fn(x).sum().backward()
+def fwd_bwd(fn, x) -> float:
+    x.grad = None
+    t0 = time.perf_counter()
+    fn(x).sum().backward()
+    return time.perf_counter() - t0
 
-    for _ in range(2):
-        once()
-    times = []
+
+def interleaved_medians(fns: dict, x, repeats: int) -> dict:
+    """Median forward+backward seconds of each function, timed in turns so that drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(2):
+            fwd_bwd(fn, x)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(fwd_bwd(fn, x))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -42,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--spectral-dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-literal", action="store_true", help="skip the O(S³) reference (slow at long S)")
     args = ap.parse_args(argv)
 
@@ -61,10 +65,11 @@ def main(argv=None):
         lengths = torch.randint(S // 2, S + 1, (args.batch,))
         lengths[0] = S
         mask = (torch.arange(S)[None, :] < lengths[:, None]).long()
-        t_plain = time_fwd_bwd(lambda t: plain(t, mask), x, args.repeats)
-        t_ours = time_fwd_bwd(lambda t: ours(t, mask), x, args.repeats)
-        t_lit = float("nan") if args.no_literal else time_fwd_bwd(lambda t: literal_attention(ours, t, mask), x,
-                                                                    max(1, args.repeats // 2))
+        fns = {"plain": lambda t: plain(t, mask), "ours": lambda t: ours(t, mask)}
+        if not args.no_literal:
+            fns["literal"] = lambda t: literal_attention(ours, t, mask)
+        med = interleaved_medians(fns, x, args.repeats)
+        t_plain, t_ours, t_lit = med["plain"], med["ours"], med.get("literal", float("nan"))
         print(f"{S:>5} {1e3 * t_plain:>9.2f} {1e3 * t_ours:>9.2f} {1e3 * t_lit:>11.2f} {t_ours / t_plain:>11.2f}"
               f" {t_lit / t_plain:>14.2f} {t_lit / t_ours:>13.2f}", flush=True)
 

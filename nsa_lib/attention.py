@@ -27,7 +27,6 @@ Not handled here: causal masking, key/value caching, cross-attention.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -39,31 +38,173 @@ from .config import NSAConfig
 # helpers
 
 
+class _FractalStep(torch.autograd.Function):
+    """One fractal step: (q, k) -> ([q, (w/n) ⊙ q M], [k, q]) with M = kᵀk, G = qᵀq,
+    n² = rowsum((q M G) ⊙ (q M)); padded rows of q and k must already be zero.
+
+    The backward is written out: autograd through the same graph spends 8 products of cost S·D² per head,
+    this one 5 (dG, dM, dR·M, q·dG, k·dM).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, w):
+        M = k.transpose(-1, -2) @ k  # (B, h, D, D) = Σ_real k kᵀ, so that P = q M qᵀ
+        G = q.transpose(-1, -2) @ q  # (B, h, D, D) = Σ_real q qᵀ
+        R = q @ M  # (B, h, S, D): row i of P is R_i · qᵀ
+        T = R @ G  # (B, h, S, D)
+        norm_sq = (T * R).sum(-1, keepdim=True)  # (B, h, S, 1) = ‖P[i, real j]‖²
+        inv_norm = norm_sq.clamp_min(1e-24).rsqrt()  # 1 / max(‖·‖, 1e-12)
+        ctx.save_for_backward(q, k, w, M, R, T, norm_sq, inv_norm)
+        return torch.cat([q, R * (w * inv_norm)], dim=-1), torch.cat([k, q], dim=-1)
+
+    @staticmethod
+    def backward(ctx, dq_aug, dk_aug):
+        q, k, w, M, R, T, norm_sq, inv_norm = ctx.saved_tensors
+        D = q.shape[-1]
+        dq_frac = dq_aug[..., D:]
+        dc = (dq_frac * R).sum(-1, keepdim=True)  # gradient of the row factor c = w / n
+        dw = (dc * inv_norm).sum().reshape(w.shape)
+        # c = w · norm_sq^(-1/2) where unclamped, so dc/dnorm_sq = -c / (2 norm_sq) = -w inv³ / 2
+        dnorm_sq = (dc * w).mul_(inv_norm.pow(3)).mul_(-0.5).mul_(norm_sq > 1e-24)
+        dR = (dq_frac * (w * inv_norm)).add_(T * (2.0 * dnorm_sq))  # norm_sq = diag(R G Rᵀ), G symmetric
+        dG = R.transpose(-1, -2) @ (R * dnorm_sq)  # symmetric
+        dM = q.transpose(-1, -2) @ dR
+        dq = torch.baddbmm((dq_aug[..., :D] + dk_aug[..., D:]).flatten(0, 1), dR.flatten(0, 1), M.flatten(0, 1))
+        dq = dq.baddbmm_(q.flatten(0, 1), dG.flatten(0, 1), alpha=2.0).view_as(q)  # + dR M + 2 q dG
+        dk = dk_aug[..., :D] + k @ (dM + dM.transpose(-1, -2))
+        return dq, dk, dw
+
+
 def fractal_augment(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None,
                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold `len(weights)` fractal steps into an augmented (query, key) pair.
 
     q, k: (B, h, S, D) with the softmax scale already in q, so that A = q kᵀ. key_mask: (B, S) bool,
-    True for real tokens, or None (no padding). Returns q', k' of head dim 2^t·D with q' k'ᵀ equal to
-    A after t steps. Runs in float32 at least (the norms are 4th powers of activations and overflow fp16).
+    True for real tokens, or None (no padding). Returns q', k' of head dim 2^t·D such that q' k'ᵀ equals
+    A after t steps on every (real query, real key) pair; padded rows are zeroed (their scores are masked
+    or never read). Runs in float32 at least: the norms are 4th powers of activations and overflow fp16.
     """
     out_dtype = q.dtype
     work_dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         q, k = q.to(work_dtype), k.to(work_dtype)
-        m = None if key_mask is None else key_mask[:, None, :, None].to(work_dtype)  # (B, 1, S, 1)
+        if key_mask is not None:  # zero padded rows once: every Gram matrix below then sums real rows only
+            m = key_mask[:, None, :, None].to(work_dtype)  # (B, 1, S, 1)
+            q, k = q * m, k * m
         for w in weights.to(work_dtype):
-            qm, km = (q, k) if m is None else (q * m, k * m)  # real rows only (m is 0/1, so m² = m)
-            M = km.transpose(-1, -2) @ km  # (B, h, D, D) = Σ_real k kᵀ, so that P = q M qᵀ
-            G = qm.transpose(-1, -2) @ qm  # (B, h, D, D) = Σ_real q qᵀ
-            R = q @ M  # (B, h, S, D): row i of P is R_i · qᵀ
-            norm_sq = ((R @ G) * R).sum(-1, keepdim=True)  # (B, h, S, 1) = ‖P[i, real j]‖²
-            inv_norm = norm_sq.clamp_min(1e-24).rsqrt()  # 1 / max(‖·‖, 1e-12)
-            q, k = torch.cat([q, R * (w * inv_norm)], dim=-1), torch.cat([k, q], dim=-1)
+            q, k = _FractalStep.apply(q, k, w)
     return q.to(out_dtype), k.to(out_dtype)
 
 
-MATERIALIZED_SCORES_MAX_LEN = int(os.environ.get("NSA_MATERIALIZED_MAX_LEN", 256))
+def _blocks(BH: int, S: int, budget: int) -> list[tuple[slice, slice]]:
+    """(heads, queries) blocks whose (S, S)-row slice of scores holds about `budget` floats."""
+    rows = max(1, min(S, budget // S))  # query rows of one head per block
+    heads = max(1, min(BH, budget // (rows * S)))
+    return [(slice(g, g + heads), slice(r, r + rows)) for g in range(0, BH, heads) for r in range(0, S, rows)]
+
+
+class _FractalSoftmaxAttention(torch.autograd.Function):
+    """softmax(q kᵀ + w N, masked keys -inf) v for fractal_depth 1, fused by hand for the CPU.
+
+    The same exact algebra as `fractal_augment` + `softmax_attention`. On a CPU, memory traffic, not
+    arithmetic, is the cost of attention, so: the scores are accumulated as q kᵀ + (c ⊙ R) qᵀ (no
+    concatenated q', k', no zero-padded v), the key mask enters through the first GEMM, and the work runs
+    in blocks of (heads, query rows) whose scores stay in cache. The probabilities are kept for the
+    backward pass (no recomputation), which is written out: 6 S²·d products for the core and 5 S·d² for
+    the fractal term. q (scale folded in), k, v: (B, h, S, d); w: 0-dim; key_mask: (B, S) bool or None.
+    """
+
+    BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per block
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, key_mask):
+        B, h, S, d = q.shape
+        BH = B * h
+        q3, k3, v3 = (t.reshape(BH, S, d) for t in (q, k, v))  # (BH, S, d)
+        if key_mask is None:
+            qm, km, bias = q3, k3, None
+        else:
+            real = key_mask.repeat_interleave(h, dim=0)  # (BH, S)
+            m3 = real[:, :, None].to(q.dtype)
+            qm, km = q3 * m3, k3 * m3
+            bias = torch.zeros(BH, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~real[:, None, :], float("-inf"))
+        M = km.transpose(1, 2) @ km  # (BH, d, d) = Σ_real k kᵀ, so that P = q M qᵀ
+        G = qm.transpose(1, 2) @ qm  # (BH, d, d) = Σ_real q qᵀ
+        R = q3 @ M  # (BH, S, d)
+        T = R @ G  # (BH, S, d)
+        norm_sq = torch.linalg.vecdot(T, R).unsqueeze(-1)  # (BH, S, 1) = ‖P[i, real j]‖²
+        inv_norm = norm_sq.clamp_min(1e-24).rsqrt()
+        cR = R * (w * inv_norm)  # (BH, S, d): the fractal half of the augmented query
+        blocks = _blocks(BH, S, _FractalSoftmaxAttention.BLOCK_FLOATS)
+        if len(blocks) == 1:  # everything fits in one block: plain batched GEMMs
+            scores = q3 @ k3.transpose(1, 2) if bias is None else torch.baddbmm(bias, q3, k3.transpose(1, 2))
+            probs = scores.baddbmm_(cR, q3.transpose(1, 2)).softmax(-1)  # (BH, S, S)
+            y = probs @ v3
+        else:
+            kT, qT = k3.transpose(1, 2).contiguous(), q3.transpose(1, 2).contiguous()  # (BH, d, S)
+            keep = any(ctx.needs_input_grad)
+            probs = torch.empty(BH, S, S, dtype=q.dtype, device=q.device) if keep else None
+            y = torch.empty(BH, S, d, dtype=q.dtype, device=q.device)
+            for g, r in blocks:
+                scores = q3[g, r] @ kT[g] if bias is None else torch.baddbmm(bias[g], q3[g, r], kT[g])
+                p = scores.baddbmm_(cR[g, r], qT[g]).softmax(-1)  # (heads, rows, S)
+                y[g, r] = p @ v3[g]
+                if keep:
+                    probs[g, r] = p
+        ctx.blocks = blocks
+        ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs)
+        ctx.shape = (B, h, S, d)
+        return y.view(B, h, S, d)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs = ctx.saved_tensors
+        B, h, S, d = ctx.shape
+        BH = B * h
+        dy3 = dy.reshape(BH, S, d)
+        # scores = q kᵀ + (c ⊙ R) qᵀ: q enters as query (dq) and as key (dq_as_key)
+        if len(ctx.blocks) == 1:
+            dscores = torch._softmax_backward_data(dy3 @ v3.transpose(1, 2), probs, -1, probs.dtype)  # (BH, S, S)
+            dv = probs.transpose(1, 2) @ dy3
+            dk = dscores.transpose(1, 2) @ q3
+            dq = torch.baddbmm(dscores @ k3, dscores.transpose(1, 2), cR)
+            dcR = dscores @ q3
+            del dscores
+        else:
+            # sums over query rows accumulate transposed, (BH, d, S), so that each GEMM reads its block of
+            # the probabilities as it lies in memory
+            vT = v3.transpose(1, 2).contiguous()
+            dvT = torch.zeros(BH, d, S, dtype=dy3.dtype, device=dy3.device)
+            dkT, dq_as_keyT = torch.zeros_like(dvT), torch.zeros_like(dvT)
+            dq, dcR = torch.empty_like(q3), torch.empty_like(q3)
+            for g, r in ctx.blocks:
+                p = probs[g, r]
+                dscores = torch._softmax_backward_data(dy3[g, r] @ vT[g], p, -1, p.dtype)  # (heads, rows, S)
+                dvT[g].baddbmm_(dy3[g, r].transpose(1, 2), p)
+                dkT[g].baddbmm_(q3[g, r].transpose(1, 2), dscores)
+                dq_as_keyT[g].baddbmm_(cR[g, r].transpose(1, 2), dscores)
+                dq[g, r] = dscores @ k3[g]
+                dcR[g, r] = dscores @ q3[g]
+            dq += dq_as_keyT.transpose(1, 2)
+            dk, dv = dkT.transpose(1, 2), dvT.transpose(1, 2)
+        # cR = c ⊙ R with c = w / max(‖P_i‖, 1e-12) and ‖P_i‖² = R_i G R_iᵀ
+        dc = torch.linalg.vecdot(dcR, R).unsqueeze(-1)
+        dw = (dc * inv_norm).sum().reshape(w.shape)
+        dnorm_sq = (dc * w).mul_(inv_norm.pow(3)).mul_(-0.5).mul_(norm_sq > 1e-24)
+        dR = (dcR * (w * inv_norm)).add_(T * (2.0 * dnorm_sq))
+        dG = R.transpose(1, 2) @ (R * dnorm_sq)  # symmetric
+        dM = q3.transpose(1, 2) @ dR
+        dq.baddbmm_(dR, M).baddbmm_(qm, dG, alpha=2.0)  # R = q M; G = Σ_real q qᵀ
+        dk = dk.baddbmm(km, dM + dM.transpose(1, 2))  # M = Σ_real k kᵀ
+        return dq.view(B, h, S, d), dk.view(B, h, S, d), dv.reshape(B, h, S, d), dw, None
+
+
+# CPU dispatch, measured with bench/attention.py: the hand-fused depth-1 path while the kept softmax
+# probabilities (B·h·S² floats) stay under CPU_FUSED_MAX_SCORES; otherwise `fractal_augment` +
+# `softmax_attention`, which materialises the scores up to MATERIALIZED_SCORES_MAX_LEN and uses the
+# fused SDPA kernel beyond.
+CPU_FUSED_MAX_SCORES = 1 << 26
+MATERIALIZED_SCORES_MAX_LEN = 256
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -199,8 +340,12 @@ class SpectralEntropyAttention(nn.Module):
             y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
             return self.ln(x + self.o(self.dropout(y.transpose(1, 2).reshape(B, S, H))))
 
-        q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
-        y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
+        if (self.fractal_weights.shape[0] == 1 and x.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu") and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
+            y = _FractalSoftmaxAttention.apply(q, k, v, self.fractal_weights[0], key_mask)  # (B, h, S, d)
+        else:
+            q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
+            y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
         sy = spectral_attention(*spectral_qkv, key_mask, self.spectral_chunk_size)  # (B, S, ds)
         # o(y) + clamp(f) st(sy) as one GEMM over [y, sy]
         fusion = self.spectral_fusion_weight.clamp(0.0, 0.5)

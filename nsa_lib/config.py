@@ -286,13 +286,16 @@ def estimate_training_memory(config: NSAConfig, *, batch_size: int | None = None
     n_params = estimate_parameters(config)
 
     # Floats that autograd saves per token and block, measured with saved-tensor hooks on the fused
-    # attention path that GPUs take (tests/test_config.py repeats the measurement): the FFN keeps
-    # w1 x, w2 x, silu(w1 x), their product and two H-wide tensors (4F + 2H); the attention block keeps
-    # about 25 H (input, q/k/v, the fractal step's q', k', zero-padded v, kernel output, merged heads,
-    # residual and LayerNorm) + 4 ds + the spectral sigmoid map (S per token: one head).
-    # Each further fractal step doubles the augmented head dim (+8 H per step, roughly).
-    attn = 25 * H + 4 * ds + S + 8 * H * (2 ** (config.fractal_depth - 1) - 1) if config.use_spectral else 15 * H
-    per_token_block = attn + 4 * F + 2 * H + h
+    # attention path that GPUs take (tests/test_memory_and_cli.py repeats the measurement): the FFN keeps
+    # w1 x, w2 x, silu(w1 x), their product and two H-wide tensors (4F + 2H); the attention block about
+    # 19 H (input, q/k/v, the fractal step's q', k', zero-padded v, kernel output, merged heads, residual
+    # and LayerNorm) + 4 ds + the spectral sigmoid map (S per token: one head), and about 18 H more per
+    # further fractal step; plain attention about 7.5 H + 12 per head.
+    if config.use_spectral:
+        attn = 19 * H + 4 * ds + S + 18 * H * (2 ** (config.fractal_depth - 1) - 1)
+    else:
+        attn = 7.5 * H + 12 * h
+    per_token_block = attn + 4 * F + 2 * H
     # the block also saves its stacked projection weights (one GEMM for q, k, v, sq, sk, sv and one for o, st)
     width = 3 * H + (3 * ds if config.use_spectral else 0)
     per_block_weights = width * H + H * (H + (ds if config.use_spectral else 0))

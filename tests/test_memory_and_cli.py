@@ -30,11 +30,14 @@ def saved_activation_bytes(config: NSAConfig, sequences: int, seq_len: int) -> i
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("preset,seq_len", [("tiny", 64), ("mini", 64), ("mini", 128)])
-def test_activation_estimate_matches_saved_tensors(monkeypatch, preset, seq_len):
+@pytest.mark.parametrize("preset,seq_len,overrides", [
+    ("tiny", 64, {}), ("mini", 64, {}), ("mini", 128, {}), ("mini", 64, {"use_spectral": False}),
+    ("mini", 64, {"fractal_depth": 2})])
+def test_activation_estimate_matches_saved_tensors(monkeypatch, preset, seq_len, overrides):
     # GPUs run the fused kernel path, which the estimate models; force it on the CPU too
+    monkeypatch.setattr(attention, "CPU_FUSED_MAX_SCORES", 0)
     monkeypatch.setattr(attention, "MATERIALIZED_SCORES_MAX_LEN", 0)
-    config = NSAConfig.from_preset(preset)
+    config = NSAConfig.from_preset(preset, **overrides)
     batch = 2  # triplets: 6 sequences
     measured = saved_activation_bytes(config, 3 * batch, seq_len)
     estimate = estimate_training_memory(config, batch_size=batch, seq_len=seq_len)["activations"]
@@ -42,6 +45,7 @@ def test_activation_estimate_matches_saved_tensors(monkeypatch, preset, seq_len)
 
 
 def test_checkpointed_estimate_is_inputs_plus_one_block(monkeypatch):
+    monkeypatch.setattr(attention, "CPU_FUSED_MAX_SCORES", 0)
     monkeypatch.setattr(attention, "MATERIALIZED_SCORES_MAX_LEN", 0)
     config = NSAConfig.from_preset("mini", gradient_checkpointing=True)
     one_layer = NSAConfig.from_preset("mini", num_layers=1)
