@@ -20,6 +20,9 @@ from nsa_lib import NSAConfig, SpectralEntropyAttention  # noqa: E402
 from tests.reference import literal_attention  # noqa: E402
 
 
+STATS = {"median": statistics.median, "min": min}
+
+
 def fwd_bwd(fn, x) -> float:
     x.grad = None
     t0 = time.perf_counter()
@@ -27,8 +30,9 @@ def fwd_bwd(fn, x) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved_medians(fns: dict, x, repeats: int) -> dict:
-    """Median forward+backward seconds of each function, timed in turns so that drift hits all alike."""
+def interleaved_times(fns: dict, x, repeats: int) -> dict:
+    """Forward+backward seconds of each function, `repeats` of each, timed in turns so that drift and
+    noisy neighbours hit all alike."""
     for fn in fns.values():
         for _ in range(2):
             fwd_bwd(fn, x)
@@ -36,7 +40,7 @@ def interleaved_medians(fns: dict, x, repeats: int) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(fwd_bwd(fn, x))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def main(argv=None):
@@ -47,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--spectral-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--stat", choices=sorted(STATS), default="median",
+                    help="how the repeats are summarised (min is the least noisy on a shared machine)")
     ap.add_argument("--no-literal", action="store_true", help="skip the O(S³) reference (slow at long S)")
     args = ap.parse_args(argv)
 
@@ -57,7 +63,7 @@ def main(argv=None):
     plain = SpectralEntropyAttention(NSAConfig.from_preset("tiny", use_spectral=False, **common))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch}, "
           f"hidden {args.hidden}, {args.heads} heads, spectral_dim {args.spectral_dim}; forward+backward, "
-          f"median of {args.repeats}")
+          f"{args.stat} of {args.repeats}")
     print(f"{'S':>5} {'plain ms':>9} {'ours ms':>9} {'literal ms':>11} {'ours/plain':>11} {'literal/plain':>14}"
           f" {'literal/ours':>13}")
     for S in args.seq:
@@ -68,8 +74,9 @@ def main(argv=None):
         fns = {"plain": lambda t: plain(t, mask), "ours": lambda t: ours(t, mask)}
         if not args.no_literal:
             fns["literal"] = lambda t: literal_attention(ours, t, mask)
-        med = interleaved_medians(fns, x, args.repeats)
-        t_plain, t_ours, t_lit = med["plain"], med["ours"], med.get("literal", float("nan"))
+        times = interleaved_times(fns, x, args.repeats)
+        stat = {name: STATS[args.stat](t) for name, t in times.items()}
+        t_plain, t_ours, t_lit = stat["plain"], stat["ours"], stat.get("literal", float("nan"))
         print(f"{S:>5} {1e3 * t_plain:>9.2f} {1e3 * t_ours:>9.2f} {1e3 * t_lit:>11.2f} {t_ours / t_plain:>11.2f}"
               f" {t_lit / t_plain:>14.2f} {t_lit / t_ours:>13.2f}", flush=True)
 

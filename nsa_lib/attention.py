@@ -106,28 +106,33 @@ def _blocks(BH: int, S: int, budget: int) -> list[tuple[slice, slice]]:
 class _FractalSoftmaxAttention(torch.autograd.Function):
     """softmax(q kᵀ + w N, masked keys -inf) v for fractal_depth 1, fused by hand for the CPU.
 
-    The same exact algebra as `fractal_augment` + `softmax_attention`. On a CPU, memory traffic, not
-    arithmetic, is the cost of attention, so: the scores are accumulated as q kᵀ + (c ⊙ R) qᵀ (no
-    concatenated q', k', no zero-padded v), the key mask enters through the first GEMM, and the work runs
-    in blocks of (heads, query rows) whose scores stay in cache. The probabilities are kept for the
-    backward pass (no recomputation), which is written out: 6 S²·d products for the core and 5 S·d² for
-    the fractal term. q (scale folded in), k, v: (B, h, S, d); w: 0-dim; key_mask: (B, S) bool or None.
+    The same exact algebra as `fractal_augment` + `softmax_attention`. On a CPU the cost of attention is
+    memory traffic (and the page faults of every fresh (S, S) tensor), not arithmetic, so:
+    the scores are one GEMM [q, c ⊙ R] · [k, q]ᵀ written straight into the buffer that keeps the
+    probabilities, masked, and soft-maxed in place; the work runs in blocks of (heads, query rows) small
+    enough to stay in cache; V is never zero-padded; the backward is written out (6 S²·d products for
+    the core, 5 S·d² for the fractal term) and reuses one workspace across blocks. The probabilities are
+    kept for the backward pass (no recomputation).
+    qkv: (B, S, 3H) as projected (q with the softmax scale folded in); w: 0-dim; key_mask: (B, S) bool or
+    None. Returns y (B, h, S, d); the gradient of qkv comes back as one contiguous (B, S, 3H) tensor.
     """
 
     BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per block
 
     @staticmethod
-    def forward(ctx, q, k, v, w, key_mask):
-        B, h, S, d = q.shape
+    def forward(ctx, qkv, w, key_mask, num_heads):
+        B, S, H3 = qkv.shape
+        h, d = num_heads, H3 // (3 * num_heads)
         BH = B * h
-        q3, k3, v3 = (t.reshape(BH, S, d) for t in (q, k, v))  # (BH, S, d)
+        # one copy from the projection's (B, S, 3, h, d) layout to three head-major (BH, S, d) tensors
+        q3, k3, v3 = qkv.view(B, S, 3, h, d).permute(2, 0, 3, 1, 4).reshape(3, BH, S, d).unbind(0)
         if key_mask is None:
             qm, km, bias = q3, k3, None
         else:
             real = key_mask.repeat_interleave(h, dim=0)  # (BH, S)
-            m3 = real[:, :, None].to(q.dtype)
+            m3 = real[:, :, None].to(qkv.dtype)
             qm, km = q3 * m3, k3 * m3
-            bias = torch.zeros(BH, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~real[:, None, :], float("-inf"))
+            bias = torch.zeros(BH, 1, S, dtype=qkv.dtype, device=qkv.device).masked_fill_(~real[:, None, :], float("-inf"))
         M = km.transpose(1, 2) @ km  # (BH, d, d) = Σ_real k kᵀ, so that P = q M qᵀ
         G = qm.transpose(1, 2) @ qm  # (BH, d, d) = Σ_real q qᵀ
         R = q3 @ M  # (BH, S, d)
@@ -136,58 +141,41 @@ class _FractalSoftmaxAttention(torch.autograd.Function):
         inv_norm = norm_sq.clamp_min(1e-24).rsqrt()
         cR = R * (w * inv_norm)  # (BH, S, d): the fractal half of the augmented query
         blocks = _blocks(BH, S, _FractalSoftmaxAttention.BLOCK_FLOATS)
-        if len(blocks) == 1:  # everything fits in one block: plain batched GEMMs
+        ctx.blocks = blocks
+        if len(blocks) == 1:  # small enough to stay in cache whole: two GEMMs into the scores, no concatenation
             scores = q3 @ k3.transpose(1, 2) if bias is None else torch.baddbmm(bias, q3, k3.transpose(1, 2))
             probs = scores.baddbmm_(cR, q3.transpose(1, 2)).softmax(-1)  # (BH, S, S)
-            y = probs @ v3
-        else:
-            kT, qT = k3.transpose(1, 2).contiguous(), q3.transpose(1, 2).contiguous()  # (BH, d, S)
-            keep = any(ctx.needs_input_grad)
-            probs = torch.empty(BH, S, S, dtype=q.dtype, device=q.device) if keep else None
-            y = torch.empty(BH, S, d, dtype=q.dtype, device=q.device)
-            for g, r in blocks:
-                scores = q3[g, r] @ kT[g] if bias is None else torch.baddbmm(bias[g], q3[g, r], kT[g])
-                p = scores.baddbmm_(cR[g, r], qT[g]).softmax(-1)  # (heads, rows, S)
-                y[g, r] = p @ v3[g]
-                if keep:
-                    probs[g, r] = p
-        ctx.blocks = blocks
-        ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs)
-        ctx.shape = (B, h, S, d)
+            ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs)
+            ctx.num_heads = h
+            return (probs @ v3).view(B, h, S, d)
+
+        q_aug = torch.cat([q3, cR], dim=-1)  # (BH, S, 2d): [q, c ⊙ R]
+        kT_aug = torch.cat([k3.transpose(1, 2), q3.transpose(1, 2)], dim=1)  # (BH, 2d, S): [k, q]ᵀ
+        keep = any(ctx.needs_input_grad)
+        probs = torch.empty(BH, S, S, dtype=qkv.dtype, device=qkv.device) if keep else None
+        work = None if keep else torch.empty(_block_numel(blocks, S), dtype=qkv.dtype, device=qkv.device)
+        y = torch.empty(BH, S, d, dtype=qkv.dtype, device=qkv.device)
+        for g, r in blocks:  # a block (heads g, rows r) of probs is contiguous: rows < S only for one head
+            p = probs[g, r] if keep else _view(work, q_aug[g, r].shape[:2] + (S,))
+            torch.bmm(q_aug[g, r], kT_aug[g], out=p)  # (heads, rows, S) scores
+            if bias is not None:
+                p.add_(bias[g])
+            torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place (the kernel reads a row before writing it)
+            torch.bmm(p, v3[g], out=y[g, r])
+        ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug, probs)
+        ctx.num_heads = h
         return y.view(B, h, S, d)
 
     @staticmethod
     def backward(ctx, dy):
-        q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs = ctx.saved_tensors
-        B, h, S, d = ctx.shape
-        BH = B * h
+        q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug, probs = ctx.saved_tensors
+        BH, S, d = q3.shape
         dy3 = dy.reshape(BH, S, d)
-        # scores = q kᵀ + (c ⊙ R) qᵀ: q enters as query (dq) and as key (dq_as_key)
         if len(ctx.blocks) == 1:
-            dscores = torch._softmax_backward_data(dy3 @ v3.transpose(1, 2), probs, -1, probs.dtype)  # (BH, S, S)
-            dv = probs.transpose(1, 2) @ dy3
-            dk = dscores.transpose(1, 2) @ q3
-            dq = torch.baddbmm(dscores @ k3, dscores.transpose(1, 2), cR)
-            dcR = dscores @ q3
-            del dscores
+            dq, dk, dv, dcR = _core_backward_whole(dy3, q3, k3, v3, q_aug, probs)
         else:
-            # sums over query rows accumulate transposed, (BH, d, S), so that each GEMM reads its block of
-            # the probabilities as it lies in memory
-            vT = v3.transpose(1, 2).contiguous()
-            dvT = torch.zeros(BH, d, S, dtype=dy3.dtype, device=dy3.device)
-            dkT, dq_as_keyT = torch.zeros_like(dvT), torch.zeros_like(dvT)
-            dq, dcR = torch.empty_like(q3), torch.empty_like(q3)
-            for g, r in ctx.blocks:
-                p = probs[g, r]
-                dscores = torch._softmax_backward_data(dy3[g, r] @ vT[g], p, -1, p.dtype)  # (heads, rows, S)
-                dvT[g].baddbmm_(dy3[g, r].transpose(1, 2), p)
-                dkT[g].baddbmm_(q3[g, r].transpose(1, 2), dscores)
-                dq_as_keyT[g].baddbmm_(cR[g, r].transpose(1, 2), dscores)
-                dq[g, r] = dscores @ k3[g]
-                dcR[g, r] = dscores @ q3[g]
-            dq += dq_as_keyT.transpose(1, 2)
-            dk, dv = dkT.transpose(1, 2), dvT.transpose(1, 2)
-        # cR = c ⊙ R with c = w / max(‖P_i‖, 1e-12) and ‖P_i‖² = R_i G R_iᵀ
+            dq, dk, dv, dcR = _core_backward_blocked(dy3, q3, k3, v3, q_aug, probs, ctx.blocks)
+        # c ⊙ R with c = w / max(‖P_i‖, 1e-12) and ‖P_i‖² = R_i G R_iᵀ
         dc = torch.linalg.vecdot(dcR, R).unsqueeze(-1)
         dw = (dc * inv_norm).sum().reshape(w.shape)
         dnorm_sq = (dc * w).mul_(inv_norm.pow(3)).mul_(-0.5).mul_(norm_sq > 1e-24)
@@ -196,7 +184,59 @@ class _FractalSoftmaxAttention(torch.autograd.Function):
         dM = q3.transpose(1, 2) @ dR
         dq.baddbmm_(dR, M).baddbmm_(qm, dG, alpha=2.0)  # R = q M; G = Σ_real q qᵀ
         dk = dk.baddbmm(km, dM + dM.transpose(1, 2))  # M = Σ_real k kᵀ
-        return dq.view(B, h, S, d), dk.view(B, h, S, d), dv.reshape(B, h, S, d), dw, None
+        B, h = dy.shape[0], ctx.num_heads
+        dqkv = torch.empty(B, S, 3, h, d, dtype=dy.dtype, device=dy.device)
+        for i, grad in enumerate((dq, dk, dv)):
+            dqkv[:, :, i].copy_(grad.view(B, h, S, d).transpose(1, 2))
+        return dqkv.view(B, S, 3 * h * d), dw, None, None
+
+
+def _core_backward_whole(dy3, q3, k3, v3, cR, probs):
+    """Gradients of softmax(q kᵀ + cR qᵀ) v w.r.t. q, k, v and cR, all heads and rows at once."""
+    dscores = torch._softmax_backward_data(dy3 @ v3.transpose(1, 2), probs, -1, probs.dtype)  # (BH, S, S)
+    dv = probs.transpose(1, 2) @ dy3
+    dk = dscores.transpose(1, 2) @ q3
+    dq = torch.baddbmm(dscores @ k3, dscores.transpose(1, 2), cR)  # q as query and as key
+    dcR = dscores @ q3
+    return dq, dk, dv, dcR
+
+
+def _core_backward_blocked(dy3, q3, k3, v3, q_aug, probs, blocks):
+    """The same in blocks of (heads, query rows), one workspace reused; q_aug = [q, cR]."""
+    BH, S, d = q3.shape
+    vT = v3.transpose(1, 2).contiguous()
+    k_aug = torch.cat([k3, q3], dim=-1)  # (BH, S, 2d)
+    # sums over query rows accumulate transposed, (BH, ., S), so each GEMM reads its block as it lies
+    dvT = torch.empty(BH, d, S, dtype=dy3.dtype, device=dy3.device)
+    dkT_aug = torch.empty(BH, 2 * d, S, dtype=dy3.dtype, device=dy3.device)  # [dk, dq as key]ᵀ
+    dq_aug = torch.empty_like(q_aug)  # [dq, d(c ⊙ R)]
+    work = torch.empty(_block_numel(blocks, S), dtype=dy3.dtype, device=dy3.device)
+    for g, r in blocks:
+        p = probs[g, r]
+        dscores = torch.bmm(dy3[g, r], vT[g], out=_view(work, p.shape))  # d probs
+        torch.ops.aten._softmax_backward_data.out(dscores, p, -1, p.dtype, grad_input=dscores)  # in place
+        if r.start == 0:  # first block of these heads: write, later blocks accumulate
+            torch.bmm(dy3[g, r].transpose(1, 2), p, out=dvT[g])
+            torch.bmm(q_aug[g, r].transpose(1, 2), dscores, out=dkT_aug[g])
+        else:
+            dvT[g].baddbmm_(dy3[g, r].transpose(1, 2), p)
+            dkT_aug[g].baddbmm_(q_aug[g, r].transpose(1, 2), dscores)
+        torch.bmm(dscores, k_aug[g], out=dq_aug[g, r])
+    del work
+    dq = dq_aug[..., :d] + dkT_aug[:, d:].transpose(1, 2)
+    return dq, dkT_aug[:, :d].transpose(1, 2), dvT.transpose(1, 2), dq_aug[..., d:]
+
+
+def _block_numel(blocks, S: int) -> int:
+    g, r = blocks[0]
+    return (g.stop - g.start) * (r.stop - r.start) * S
+
+
+def _view(buffer: torch.Tensor, shape) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    return buffer[:n].view(*shape)
 
 
 # CPU dispatch, measured with bench/attention.py: the hand-fused depth-1 path while the kept softmax
@@ -313,6 +353,11 @@ class SpectralEntropyAttention(nn.Module):
             self.spectral_fusion_weight = nn.Parameter(torch.tensor(config.spectral_fusion_init),
                                                        requires_grad=config.learnable_spectral_fusion)
 
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, S, 3H) -> q, k, v, each (B, h, S, d) (views)."""
+        B, S, _ = qkv.shape
+        return qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def _input_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The q, k, v (and sq, sk, sv) weights stacked into one GEMM, the softmax scale folded into q."""
         scale = self.head_dim ** -0.5
@@ -333,17 +378,17 @@ class SpectralEntropyAttention(nn.Module):
             key_mask = attention_mask.bool()
 
         projected = F.linear(x, *self._input_projection())  # (B, S, 3H [+ 3ds])
-        widths = [H] * 3 + ([self.sq.out_features] * 3 if self.use_spectral else [])
-        q, k, v, *spectral_qkv = projected.split(widths, dim=-1)  # one split: its backward is one cat
-        q, k, v = (t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, S, d)
+        widths = [3 * H] + ([self.sq.out_features] * 3 if self.use_spectral else [])
+        qkv, *spectral_qkv = projected.split(widths, dim=-1)  # one split: its backward is one cat
         if not self.use_spectral:
-            y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
+            y = softmax_attention(*self._heads(qkv), key_mask)  # (B, h, S, d)
             return self.ln(x + self.o(self.dropout(y.transpose(1, 2).reshape(B, S, H))))
 
-        if (self.fractal_weights.shape[0] == 1 and x.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        if (self.fractal_weights.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu") and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
-            y = _FractalSoftmaxAttention.apply(q, k, v, self.fractal_weights[0], key_mask)  # (B, h, S, d)
+            y = _FractalSoftmaxAttention.apply(qkv, self.fractal_weights[0], key_mask, self.num_heads)  # (B, h, S, d)
         else:
+            q, k, v = self._heads(qkv)
             q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
             y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
         sy = spectral_attention(*spectral_qkv, key_mask, self.spectral_chunk_size)  # (B, S, ds)

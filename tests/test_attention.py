@@ -343,12 +343,13 @@ def test_fused_fractal_softmax_attention_passes_gradcheck(masked, block_floats, 
 
     monkeypatch.setattr(_FractalSoftmaxAttention, "BLOCK_FLOATS", block_floats)  # 8: blocks of (1 head, 1 row)
     g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(2, 2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    heads, d = 2, 3
+    qkv = torch.randn(2, 5, 3 * heads * d, generator=g, dtype=torch.float64, requires_grad=True)  # (B, S, 3H)
     w = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if masked else None
     real_rows = torch.ones(2, 1, 5, 1, dtype=torch.float64) if mask is None else mask[:, None, :, None].double()
 
-    def f(q, k, v, w):  # padded query rows are unspecified: compare real rows only
-        return _FractalSoftmaxAttention.apply(q, k, v, w, mask) * real_rows
+    def f(qkv, w):  # padded query rows are unspecified: compare real rows only
+        return _FractalSoftmaxAttention.apply(qkv, w, mask, heads) * real_rows
 
-    assert torch.autograd.gradcheck(f, (q, k, v, w))
+    assert torch.autograd.gradcheck(f, (qkv, w))
