@@ -12,9 +12,15 @@ Forming P costs O(S³). It has rank ≤ d, so this module never forms it:
     A + w N = [Q/√d , (w/n) ⊙ Q M] · [K , Q]ᵀ
 
 i.e. ordinary attention with the head dimension doubled, which `scaled_dot_product_attention` runs with
-its fused kernels (O(S) memory; FlashAttention/cuDNN on a GPU). A second step repeats this on the
-augmented pair (head dim 4d), and so on. The identity is exact (tests/test_attention.py checks it
-against the literal O(S³) formula in float64).
+its fused kernels (O(S) memory; FlashAttention/cuDNN on a GPU; V zero-padded to the doubled width). A
+second step repeats this on the augmented pair (head dim 4d), and so on. The identity is exact
+(tests/test_attention.py checks it against the literal O(S³) formula in float64).
+
+Two implementations of the same algebra:
+- `fractal_augment` + `softmax_attention`: any depth, any device, autocast; the GPU path.
+- `_FractalSoftmaxAttention`: depth 1 on a CPU in fp32/fp64, fused by hand (one GEMM for the scores,
+  no padded V, cache-sized blocks, a written-out backward); 1.5-1.7x a plain attention block where the
+  generic path costs ~2x (bench/attention.py).
 
 The spectral path is one sigmoid "head" of width ds: sy = st(sigmoid(qs ksᵀ/√ds)² · vs), masked keys
 contributing nothing. It is O(S² ds); for long sequences it runs in query chunks (recomputed in the
@@ -26,7 +32,6 @@ path, so a real token's output does not depend on padding or on batch-mates.
 Not handled here: causal masking, key/value caching, cross-attention.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -107,12 +112,12 @@ class _FractalSoftmaxAttention(torch.autograd.Function):
     """softmax(q kᵀ + w N, masked keys -inf) v for fractal_depth 1, fused by hand for the CPU.
 
     The same exact algebra as `fractal_augment` + `softmax_attention`. On a CPU the cost of attention is
-    memory traffic (and the page faults of every fresh (S, S) tensor), not arithmetic, so:
-    the scores are one GEMM [q, c ⊙ R] · [k, q]ᵀ written straight into the buffer that keeps the
-    probabilities, masked, and soft-maxed in place; the work runs in blocks of (heads, query rows) small
-    enough to stay in cache; V is never zero-padded; the backward is written out (6 S²·d products for
-    the core, 5 S·d² for the fractal term) and reuses one workspace across blocks. The probabilities are
-    kept for the backward pass (no recomputation).
+    memory traffic over (S, S) tensors more than arithmetic, so: the scores are one GEMM
+    [q, c ⊙ R] · [k, q]ᵀ written straight into the buffer that keeps the probabilities, masked and
+    soft-maxed in place; long sequences run in blocks of (heads, query rows) that stay in cache; V is
+    never zero-padded; the backward is written out (6 S²·d products for the core, 5 S·d² for the fractal
+    term) and reuses one workspace across blocks. The probabilities are kept for the backward pass (no
+    recomputation), which is why this path is bounded by CPU_FUSED_MAX_SCORES.
     qkv: (B, S, 3H) as projected (q with the softmax scale folded in); w: 0-dim; key_mask: (B, S) bool or
     None. Returns y (B, h, S, d); the gradient of qkv comes back as one contiguous (B, S, 3H) tensor.
     """
