@@ -147,15 +147,16 @@ class _FractalSoftmaxAttention(torch.autograd.Function):
         cR = R * (w * inv_norm)  # (BH, S, d): the fractal half of the augmented query
         blocks = _blocks(BH, S, _FractalSoftmaxAttention.BLOCK_FLOATS)
         ctx.blocks = blocks
-        if len(blocks) == 1:  # small enough to stay in cache whole: two GEMMs into the scores, no concatenation
-            scores = q3 @ k3.transpose(1, 2) if bias is None else torch.baddbmm(bias, q3, k3.transpose(1, 2))
-            probs = scores.baddbmm_(cR, q3.transpose(1, 2)).softmax(-1)  # (BH, S, S)
-            ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, cR, probs)
-            ctx.num_heads = h
-            return (probs @ v3).view(B, h, S, d)
-
         q_aug = torch.cat([q3, cR], dim=-1)  # (BH, S, 2d): [q, c ⊙ R]
         kT_aug = torch.cat([k3.transpose(1, 2), q3.transpose(1, 2)], dim=1)  # (BH, 2d, S): [k, q]ᵀ
+        if len(blocks) == 1:  # small enough to stay in cache whole
+            probs = torch.bmm(q_aug, kT_aug)  # (BH, S, S) scores
+            if bias is not None:
+                probs.add_(bias)
+            torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # in place (the kernel reads a row before writing it)
+            ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug[..., d:], probs)
+            ctx.num_heads = h
+            return (probs @ v3).view(B, h, S, d)
         keep = any(ctx.needs_input_grad)
         probs = torch.empty(BH, S, S, dtype=qkv.dtype, device=qkv.device) if keep else None
         work = None if keep else torch.empty(_block_numel(blocks, S), dtype=qkv.dtype, device=qkv.device)
