@@ -50,9 +50,15 @@ def gather_candidates(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     world = torch.distributed.get_world_size()
     if world == 1:
         return t, 0
-    from torch.distributed.nn.functional import all_gather  # autograd-aware
+    try:  # autograd-aware gathers: the backward sums every process's gradient into the rows' owner
+        from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(t.contiguous()), dim=0), torch.distributed.get_rank() * t.shape[0]
+        gathered = all_gather_single(t.contiguous(), 0, torch.distributed.group.WORLD)
+    except ImportError:  # torch < 2.6
+        from torch.distributed.nn.functional import all_gather
+
+        gathered = torch.cat(all_gather(t.contiguous()), dim=0)
+    return gathered, torch.distributed.get_rank() * t.shape[0]
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
