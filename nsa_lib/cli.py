@@ -3,12 +3,16 @@
     python -m nsa_lib params --size M456             exact parameter count and training-memory estimates
     python -m nsa_lib params --size M1B --verify     ... and check the count against a model built on the
                                                      `meta` device (no memory allocated)
+    python -m nsa_lib train --size tiny --data snli --max-steps 300 --output-dir runs/tiny
+    python -m nsa_lib train --output-dir runs/tiny --resume auto      continue where it stopped
+    python -m nsa_lib eval --checkpoint runs/tiny                     STS-B and Recall@10
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import PRESETS, PRECISIONS, NSAConfig, estimate_parameters, estimate_training_memory, format_bytes
 
@@ -63,6 +67,88 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0 if built in (None, parts["total"]) else 1
 
 
+TRAIN_FLAGS = {  # flag -> NSAConfig field
+    "epochs": "epochs", "max_steps": "max_steps", "seed": "seed", "batch_size": "batch_train",
+    "grad_accum": "grad_accum", "max_length": "max_length", "lr": "lr", "precision": "precision",
+    "save_every": "save_every", "eval_every": "eval_every", "max_train_samples": "max_train_samples",
+}
+TOGGLES = {  # the original's ablation flags -> NSAConfig field set to False
+    "no_spectral": "use_spectral", "no_anchor64": "use_anchor64", "no_bridge": "use_bridge",
+    "no_matry": "use_matryoshka", "no_angular": "use_angular",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> NSAConfig:
+    overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    overrides.update({field: False for flag, field in TOGGLES.items() if getattr(args, flag)})
+    if args.gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
+    return NSAConfig.from_preset(args.size, **overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_stsb, load_tokenizer
+    from .evaluate import nsa_encoder, sts_spearman
+    from .trainer import Trainer, find_resume_checkpoint
+    from .model import NSAModel
+
+    resume = args.resume
+    if resume == "auto" and find_resume_checkpoint("auto", args.output_dir) is not None:
+        config = NSAConfig.from_json(Path(args.output_dir) / "config.json")  # a resumed run keeps its settings
+    else:
+        config = config_from_args(args)
+    tokenizer = load_tokenizer()
+    trainer = Trainer(config, data=args.data, output_dir=args.output_dir, resume=resume, tokenizer=tokenizer)
+    print(f"Spectra-NSA {config.size}: {trainer.accelerator.unwrap_model(trainer.model).num_parameters():,} "
+          f"parameters, {trainer.total_steps} optimizer steps of {config.effective_batch_size} triplets "
+          f"({trainer.steps_per_epoch} per epoch), device {trainer.device}, precision {config.precision}")
+    dev = load_stsb("dev") if args.final_eval else None
+    if dev is not None and trainer.state.step == 0:
+        before = sts_spearman(nsa_encoder(trainer.model, tokenizer), dev)
+        print(f"STS-B dev Spearman before training: {before:.4f}")
+    state = trainer.train()
+    out = Path(args.output_dir) / "final"
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
+    print(f"done: step {state.step}, skipped steps {state.skipped}, best quick STS {state.best_sts:.4f} "
+          f"(step {state.best_step}); model saved to {out}")
+    if dev is not None:
+        model = NSAModel.from_pretrained(out)
+        print(f"STS-B dev Spearman after training: {sts_spearman(nsa_encoder(model, tokenizer), dev):.4f}")
+    return 0
+
+
+def load_for_eval(path: Path):
+    """A model from a save_pretrained folder, a checkpoint folder, or a run folder (its final model, else
+    its newest checkpoint)."""
+    from .model import NSAModel
+    from .trainer import list_checkpoints
+
+    for candidate in (path, path / "final", *reversed(list_checkpoints(path))):
+        if (candidate / "model.safetensors").is_file():
+            return NSAModel.from_pretrained(candidate), candidate
+    raise FileNotFoundError(f"no model under {path}: expected model.safetensors in it, in final/ or in a checkpoint")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_snli_triplets, load_stsb, load_tokenizer
+    from .evaluate import baseline_encoder, nsa_encoder, recall_at_k, sts_spearman
+
+    model, where = load_for_eval(Path(args.checkpoint))
+    tokenizer = load_tokenizer()
+    pairs = load_stsb(args.split)
+    triplets = load_snli_triplets("test")[:args.recall_triplets]
+    print(f"{where} ({model.config.size}), STS-B {args.split} ({len(pairs)} pairs), "
+          f"Recall@10 on {len(triplets)} SNLI test triplets")
+    rows = [("Spectra-NSA", nsa_encoder(model, tokenizer), nsa_encoder(model, tokenizer, output="embedding_ranking"))]
+    if args.baseline:
+        baseline = baseline_encoder()
+        rows.append(("all-MiniLM-L6-v2", baseline, baseline))
+    for name, sts_encoder, rank_encoder in rows:
+        print(f"  {name:<18} STS-B Spearman {sts_spearman(sts_encoder, pairs):.4f}   "
+              f"Recall@10 {recall_at_k(rank_encoder, triplets, k=10):.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nsa_lib", description="Spectra-NSA command line.")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -76,6 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also build the model on the meta device and compare")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+
+    t = sub.add_parser("train", help="train a model (resumable)")
+    _add_size(t)
+    t.add_argument("--data", default="snli", help="snli (offline), msmarco (Hub) or a .jsonl/.csv/.tsv/.parquet file")
+    t.add_argument("--output-dir", default="runs/nsa", help="run folder: checkpoints/, metrics.jsonl, final/")
+    t.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output-dir) or a checkpoint folder")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=int, help="triplets per micro-batch")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    t.add_argument("--max-length", type=int, help="tokens per sequence")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--save-every", type=int, help="optimizer steps between checkpoints")
+    t.add_argument("--eval-every", type=int, help="optimizer steps between quick STS checks")
+    t.add_argument("--max-train-samples", type=int)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    for flag in TOGGLES:
+        t.add_argument("--" + flag.replace("_", "-"), action="store_true", help=f"set {TOGGLES[flag]}=False")
+    t.add_argument("--no-final-eval", dest="final_eval", action="store_false",
+                   help="skip STS-B dev before and after training")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="STS-B Spearman and Recall@10 of a saved model")
+    e.add_argument("--checkpoint", required=True, help="a model folder, a checkpoint, or a run folder")
+    e.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    e.add_argument("--recall-triplets", type=int, default=1000)
+    e.add_argument("--baseline", action="store_true", help="also score all-MiniLM-L6-v2")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -83,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

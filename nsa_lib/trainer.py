@@ -1,0 +1,356 @@
+"""Training: one loop for a CPU, one GPU or several (`accelerate launch`), resumable at any checkpoint.
+
+    triplets -> length-grouped batches -> one encoder pass over [anchors; positives; negatives]
+             -> NSALoss (temperature schedule) -> backward, accumulated over `grad_accum` micro-batches
+             -> unscale (fp16) -> clip to `max_grad_norm` -> AdamW step -> cosine LR with warm-up
+
+Mixed precision is torch's own autocast (fp16 with a GradScaler, or bf16) on whatever device runs, so
+the path a GPU takes is the one the CPU tests take. A non-finite loss or gradient skips that optimizer
+step and is logged and counted (the loss is never patched with nan_to_num); `max_consecutive_skips` in a
+row stop the run with a message. `accelerate` places the model, wraps it for several processes and skips
+gradient synchronisation inside an accumulation window; every process takes every world-th micro-batch.
+
+A checkpoint (every `save_every` optimizer steps) is a folder `ckpt-0000500/` holding the model
+(config.json + model.safetensors) and trainer_state.pt (optimizer, scheduler, scaler, every RNG state,
+the data position, best STS, counters), written under a temporary name and renamed, so a run killed
+mid-write leaves the previous checkpoints whole. Resuming restores all of it: a run stopped at any
+checkpoint and resumed gives the same per-step losses as one never stopped (CPU, fp32).
+
+Every optimizer step appends a line to `metrics.jsonl` in the run folder (step, loss, each term, lr,
+temperature, grad_norm, skipped, ...), every evaluation another; dashboards read that file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from .config import NSAConfig
+from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
+from .losses import NSALoss, temperature_at
+from .model import NSAModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "ckpt-"
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps in a row)."""
+
+
+# checkpoints
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints under `folder` (a run folder or its checkpoints/), oldest first."""
+    folder = Path(folder)
+    if (folder / "checkpoints").is_dir():
+        folder = folder / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_resume_checkpoint(resume: str | None, *folders: str | Path | None) -> Path | None:
+    """'auto': the newest complete checkpoint in any of `folders` (by step); a path: that checkpoint."""
+    if resume in (None, "", "none"):
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
+        return path
+    candidates = [c for f in folders if f for c in list_checkpoints(f)]
+    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# the loop
+
+
+@dataclass
+class TrainState:
+    """Where a run is: everything besides model/optimizer/scheduler/scaler that a resume needs."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (all processes together)
+    skipped: int = 0
+    consecutive_skips: int = 0
+    best_sts: float = -math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)  # evaluation records, for the monitor
+
+
+def split_outputs(out: dict, parts: int) -> list[dict]:
+    """The model's outputs for [anchors; positives; negatives] stacked on the batch dim, as three dicts."""
+    pieces = [dict() for _ in range(parts)]
+    for key, value in out.items():
+        if isinstance(value, dict):
+            for sub, t in value.items():
+                for piece, chunk in zip(pieces, t.chunk(parts)):
+                    piece.setdefault(key, {})[sub] = chunk
+        else:
+            for piece, chunk in zip(pieces, value.chunk(parts)):
+                piece[key] = chunk
+    return pieces
+
+
+class Trainer:
+    """Trains an NSAModel on triplets. `Trainer(config, data="snli", output_dir="runs/x").train()`.
+
+    Args:
+        config: the model, loss and training settings (`NSAConfig`).
+        data: 'snli' (offline pack), 'msmarco' (Hub) or the path of a local triplet file.
+        output_dir: the run folder: checkpoints/, metrics.jsonl, config.json.
+        resume: None, 'auto' (the newest checkpoint in output_dir) or a checkpoint folder.
+        callbacks: called with each metrics record (dict) as it is written, e.g. a live dashboard.
+        eval_fn: `eval_fn(model, tokenizer) -> dict` run every `config.eval_every` steps on the main
+            process; its 'sts' value tracks the best checkpoint. Default: the quick STS-B check.
+    """
+
+    def __init__(self, config: NSAConfig, *, data: str = "snli", output_dir: str | Path = "runs/nsa",
+                 resume: str | None = None, callbacks: tuple[Callable[[dict], None], ...] = (),
+                 eval_fn: Callable | None = None, keep_checkpoints: int = 3, max_consecutive_skips: int = 20,
+                 tokenizer=None, triplets=None, show_progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.callbacks = list(callbacks)
+        self.keep_checkpoints = keep_checkpoints
+        self.max_consecutive_skips = max_consecutive_skips
+        self.show_progress = show_progress
+        self.accelerator = Accelerator(mixed_precision="no")
+        self.device = self.accelerator.device
+        self.state = TrainState()
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        self.tokenizer = tokenizer or load_tokenizer()
+        triplets = triplets if triplets is not None else load_triplets(data, max_samples=config.max_train_samples)
+        train, self.val_triplets = split_train_val(triplets, config.val_ratio, config.seed)
+        tokenized = TokenizedTriplets.build(train, self.tokenizer, config.max_length)
+        self.batches = TripletBatches(tokenized, config.batch_train, seed=config.seed,
+                                      pad_id=self.tokenizer.pad_token_id or 0)
+        self.world = self.accelerator.num_processes
+        per_epoch = len(self.batches) // (config.grad_accum * self.world)
+        if per_epoch == 0:
+            raise ValueError(f"{len(train)} training triplets make no optimizer step of "
+                             f"{config.batch_train} x {config.grad_accum} x {self.world} processes")
+        self.steps_per_epoch = per_epoch
+        self.total_steps = config.max_steps or config.epochs * per_epoch
+
+        self.model = NSAModel(config)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=config.lr, betas=config.betas)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps)
+        self.loss_fn = NSALoss(config)
+        self.model = self.accelerator.prepare(self.model)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
+        # fp16: a starting scale of 2^10, not 2^16, so that the first steps do not overflow and get skipped
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, enabled=config.precision == "fp16")
+        self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
+
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.to_json(self.output_dir / "config.json")
+        checkpoint = find_resume_checkpoint(resume, self.output_dir)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+
+    # persistence
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ckpt-<step>/ atomically; prune to `keep_checkpoints` newest plus the best."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "rng": rng_state(), "state": self.state.__dict__,
+                    "total_steps": self.total_steps}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        keep = set(list_checkpoints(self.checkpoint_dir)[-self.keep_checkpoints:])
+        best = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.best_step:07d}"
+        for ckpt in list_checkpoints(self.checkpoint_dir):
+            if ckpt not in keep and ckpt != best:
+                shutil.rmtree(ckpt, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        model = NSAModel.from_pretrained(path)
+        self.accelerator.unwrap_model(self.model).load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state = TrainState(**saved["state"])
+        set_rng_state(saved["rng"])
+        logger.info("resumed from %s at step %d", path, self.state.step)
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for callback in self.callbacks:
+            callback(record)
+
+    # the loop
+
+    def _micro_batches(self):
+        """(epoch, index in epoch, batch) from the current position; each process takes every world-th."""
+        while True:
+            order = self.batches.batches(self.state.epoch)
+            usable = len(order) - len(order) % (self.config.grad_accum * self.world)
+            for i in range(self.state.batch_in_epoch, usable):
+                if i % self.world == self.accelerator.process_index:
+                    yield i, self.batches.collate(order[i])
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def train(self) -> TrainState:
+        """Run until `total_steps` optimizer steps; returns the final state."""
+        from tqdm.auto import tqdm
+
+        c, model = self.config, self.model
+        model.train()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", dynamic_ncols=True, mininterval=2.0,
+                   disable=not (self.show_progress and self.accelerator.is_main_process))
+        micro = self._micro_batches()
+        window_ok, window_terms, started = True, [], time.perf_counter()
+        while self.state.step < self.total_steps:
+            temperature = temperature_at(self.state.step, self.total_steps, c)
+            for k in range(c.grad_accum):
+                index, batch = next(micro)
+                batch = {key: t.to(self.device) for key, t in batch.items()}
+                with self.accelerator.no_sync(model) if k < c.grad_accum - 1 else nullcontext():
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                        enabled=self.autocast_dtype is not None):
+                        out = model(**batch)
+                        loss = self.loss_fn(*split_outputs(out, 3), temperature=temperature)
+                    bad = loss.nonfinite_terms()
+                    if bad:
+                        window_ok = False
+                        logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped",
+                                       self.state.step, bad)
+                    else:
+                        self.scaler.scale(loss.total / c.grad_accum).backward()
+                    window_terms.append(loss.as_floats())
+                self.state.batch_in_epoch = (index // self.world + 1) * self.world  # next window's start
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm))
+            skipped = not window_ok or not math.isfinite(grad_norm)
+            if skipped:
+                self.scaler.update()  # lowers the fp16 scale when the gradients overflowed
+                self.state.skipped += 1
+                self.state.consecutive_skips += 1
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.state.consecutive_skips = 0
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+
+            record = {"step": self.state.step, "epoch": self.state.epoch,
+                      **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
+                      "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
+                      "skipped": skipped, "skipped_total": self.state.skipped,
+                      "triplets_per_s": c.batch_train * c.grad_accum * self.world / (time.perf_counter() - started)}
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{temperature:.3f}")
+            window_ok, window_terms, started = True, [], time.perf_counter()
+            if self.state.consecutive_skips >= self.max_consecutive_skips:
+                raise TrainingStopped(f"{self.state.consecutive_skips} optimizer steps in a row had a non-finite "
+                                      f"loss or gradient (last at step {self.state.step}); lower --lr, or use "
+                                      f"--precision bf16 / no instead of fp16")
+            if c.eval_every and self.state.step % c.eval_every == 0:
+                self.evaluate()
+            if c.save_every and self.state.step % c.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        return self.state
+
+    def evaluate(self) -> dict:
+        """Run `eval_fn` on the main process, log it, and track the best STS."""
+        if not self.accelerator.is_main_process or self.eval_fn is None:
+            return {}
+        # the evaluation must not move the training RNG streams (resumed runs must match)
+        saved = rng_state()
+        result = self.eval_fn(self.accelerator.unwrap_model(self.model), self.tokenizer)
+        set_rng_state(saved)
+        if "sts" in result and result["sts"] > self.state.best_sts:
+            self.state.best_sts, self.state.best_step = result["sts"], self.state.step
+        record = {"step": self.state.step, "eval": result, "best_sts": self.state.best_sts,
+                  "best_step": self.state.best_step}
+        self.state.history.append(record)
+        self._log(record)
+        return result
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values))
+
+
+def default_eval_fn(config: NSAConfig) -> Callable:
+    """The original's quick check: STS-B Spearman on `config.eval_pairs` shuffled test pairs (seed 42),
+    with `embedding_semantic` at its largest dim."""
+    from .evaluate import nsa_encoder, quick_sts_pairs, sts_spearman
+
+    pairs = quick_sts_pairs(config.eval_pairs)
+
+    def run(model, tokenizer) -> dict:
+        return {"sts": sts_spearman(nsa_encoder(model, tokenizer), pairs)}
+
+    return run
