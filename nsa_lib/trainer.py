@@ -41,6 +41,7 @@ from .config import NSAConfig
 from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
 from .losses import NSALoss, temperature_at
 from .model import NSAModel
+from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class TrainState:
     consecutive_skips: int = 0
     best_sts: float = -math.inf
     best_step: int = -1
+    evals_without_improvement: int = 0  # for early stopping (patience in config.early_stopping_patience)
+    stopped_early: bool = False
     history: list = field(default_factory=list)  # evaluation records, for the monitor
 
 
@@ -276,7 +279,8 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                         enabled=self.autocast_dtype is not None):
                         out = model(**batch)
-                        loss = self.loss_fn(*split_outputs(out, 3), temperature=temperature)
+                        parts = split_outputs(out, 3)
+                        loss = self.loss_fn(*parts, temperature=temperature)
                     bad = loss.nonfinite_terms()
                     if bad:
                         window_ok = False
@@ -287,6 +291,7 @@ class Trainer:
                     window_terms.append(loss.as_floats())
                 self.state.batch_in_epoch = (index // self.world + 1) * self.world  # next window's start
             self.scaler.unscale_(self.optimizer)
+            health = {**gradient_stats(model.named_parameters()), **embedding_stats(parts[0])}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm))
             skipped = not window_ok or not math.isfinite(grad_norm)
             if skipped:
@@ -305,7 +310,11 @@ class Trainer:
                       **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
                       "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
                       "skipped": skipped, "skipped_total": self.state.skipped,
-                      "triplets_per_s": c.batch_train * c.grad_accum * self.world / (time.perf_counter() - started)}
+                      "triplets_per_s": c.batch_train * c.grad_accum * self.world / (time.perf_counter() - started),
+                      **health}
+            record["warnings"] = health_warnings(record, c, c.batch_train)
+            for warning in record["warnings"]:
+                logger.warning("step %d: %s", self.state.step, warning)
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{temperature:.3f}")
@@ -316,8 +325,12 @@ class Trainer:
                                       f"--precision bf16 / no instead of fp16")
             if c.eval_every and self.state.step % c.eval_every == 0:
                 self.evaluate()
-            if c.save_every and self.state.step % c.save_every == 0:
+            if c.save_every and self.state.step % c.save_every == 0 or self.state.stopped_early:
                 self.save_checkpoint()
+            if self.state.stopped_early:
+                logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
+                               self.state.evals_without_improvement)
+                break
         bar.close()
         return self.state
 
@@ -329,8 +342,13 @@ class Trainer:
         saved = rng_state()
         result = self.eval_fn(self.accelerator.unwrap_model(self.model), self.tokenizer)
         set_rng_state(saved)
-        if "sts" in result and result["sts"] > self.state.best_sts:
-            self.state.best_sts, self.state.best_step = result["sts"], self.state.step
+        if "sts" in result:
+            if result["sts"] > self.state.best_sts:
+                self.state.best_sts, self.state.best_step = result["sts"], self.state.step
+                self.state.evals_without_improvement = 0
+            else:
+                self.state.evals_without_improvement += 1
+                self.state.stopped_early = self.state.evals_without_improvement >= self.config.early_stopping_patience
         record = {"step": self.state.step, "eval": result, "best_sts": self.state.best_sts,
                   "best_step": self.state.best_step}
         self.state.history.append(record)
@@ -350,14 +368,27 @@ def _mean(values) -> float:
     return float(sum(values) / len(values))
 
 
-def default_eval_fn(config: NSAConfig) -> Callable:
+def default_eval_fn(config: NSAConfig, with_baseline: bool = True) -> Callable:
     """The original's quick check: STS-B Spearman on `config.eval_pairs` shuffled test pairs (seed 42),
-    with `embedding_semantic` at its largest dim."""
-    from .evaluate import nsa_encoder, quick_sts_pairs, sts_spearman
+    with `embedding_semantic` at its largest dim; next to it the baseline all-MiniLM-L6-v2 scored on the
+    same pairs (measured once, when sentence-transformers is installed) and the original's target."""
+    from .evaluate import baseline_encoder, nsa_encoder, quick_sts_pairs, sts_spearman
 
     pairs = quick_sts_pairs(config.eval_pairs)
+    cached: dict = {}
 
     def run(model, tokenizer) -> dict:
-        return {"sts": sts_spearman(nsa_encoder(model, tokenizer), pairs)}
+        result = {"sts": sts_spearman(nsa_encoder(model, tokenizer), pairs)}
+        if with_baseline and "baseline" not in cached:
+            try:
+                cached["baseline"] = sts_spearman(baseline_encoder(), pairs)
+            except Exception as e:  # no sentence-transformers / no offline package: report, do not stop training
+                logger.warning("baseline for the STS comparison unavailable: %s", e)
+                cached["baseline"] = None
+        if cached.get("baseline") is not None:
+            result["baseline_sts"] = cached["baseline"]
+        if config.size in TARGET_STS:
+            result["target_sts"] = TARGET_STS[config.size]
+        return result
 
     return run
