@@ -70,7 +70,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 TRAIN_FLAGS = {  # flag -> NSAConfig field
     "epochs": "epochs", "max_steps": "max_steps", "seed": "seed", "batch_size": "batch_train",
     "grad_accum": "grad_accum", "max_length": "max_length", "lr": "lr", "precision": "precision",
-    "save_every": "save_every", "eval_every": "eval_every", "max_train_samples": "max_train_samples",
+    "save_every": "save_every", "eval_every": "eval_every", "backup_every": "backup_every",
+    "max_train_samples": "max_train_samples",
 }
 TOGGLES = {  # the original's ablation flags -> NSAConfig field set to False
     "no_spectral": "use_spectral", "no_anchor64": "use_anchor64", "no_bridge": "use_bridge",
@@ -93,12 +94,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import NSAModel
 
     resume = args.resume
-    if resume == "auto" and find_resume_checkpoint("auto", args.output_dir) is not None:
+    backup_root = args.backup_dir if args.backup_dir and not args.backup_dir.startswith("gdrive:") else None
+    if resume == "auto" and find_resume_checkpoint("auto", args.output_dir, backup_root) is not None \
+            and (Path(args.output_dir) / "config.json").is_file():
         config = NSAConfig.from_json(Path(args.output_dir) / "config.json")  # a resumed run keeps its settings
     else:
         config = config_from_args(args)
     tokenizer = load_tokenizer()
-    trainer = Trainer(config, data=args.data, output_dir=args.output_dir, resume=resume, tokenizer=tokenizer)
+    trainer = Trainer(config, data=args.data, output_dir=args.output_dir, resume=resume, tokenizer=tokenizer,
+                      backup=args.backup_dir)
     print(f"Spectra-NSA {config.size}: {trainer.accelerator.unwrap_model(trainer.model).num_parameters():,} "
           f"parameters, {trainer.total_steps} optimizer steps of {config.effective_batch_size} triplets "
           f"({trainer.steps_per_epoch} per epoch), device {trainer.device}, precision {config.precision}")
@@ -109,8 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = trainer.train()
     out = Path(args.output_dir) / "final"
     trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
-    print(f"done: step {state.step}, skipped steps {state.skipped}, best quick STS {state.best_sts:.4f} "
-          f"(step {state.best_step}); model saved to {out}")
+    best = f"best quick STS {state.best_sts:.4f} (step {state.best_step})" if state.best_step >= 0 else "no quick STS"
+    print(f"done: step {state.step}, skipped steps {state.skipped}, {best}; model saved to {out}")
     if dev is not None:
         model = NSAModel.from_pretrained(out)
         print(f"STS-B dev Spearman after training: {sts_spearman(nsa_encoder(model, tokenizer), dev):.4f}")
@@ -178,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["no", "fp16", "bf16"])
     t.add_argument("--save-every", type=int, help="optimizer steps between checkpoints")
     t.add_argument("--eval-every", type=int, help="optimizer steps between quick STS checks")
+    t.add_argument("--backup-every", type=int, help="optimizer steps between backups (default 3000)")
+    t.add_argument("--backup-dir", help="backup target: a folder (e.g. /content/drive/MyDrive/nsa) or gdrive:<folder-id>")
     t.add_argument("--max-train-samples", type=int)
     t.add_argument("--gradient-checkpointing", action="store_true")
     for flag in TOGGLES:

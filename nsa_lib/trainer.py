@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from .backup import BackupManager, backup_target
 from .config import NSAConfig
 from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
 from .losses import NSALoss, temperature_at
@@ -136,7 +137,9 @@ class Trainer:
         config: the model, loss and training settings (`NSAConfig`).
         data: 'snli' (offline pack), 'msmarco' (Hub) or the path of a local triplet file.
         output_dir: the run folder: checkpoints/, metrics.jsonl, config.json.
-        resume: None, 'auto' (the newest checkpoint in output_dir) or a checkpoint folder.
+        resume: None, 'auto' (the newest checkpoint in output_dir or in the backup) or a checkpoint folder.
+        backup: where to copy a checkpoint every `config.backup_every` steps: a `FolderTarget`, a
+            `DriveTarget`, or a string for `backup_target` (a folder path or 'gdrive:<folder-id>').
         callbacks: called with each metrics record (dict) as it is written, e.g. a live dashboard.
         eval_fn: `eval_fn(model, tokenizer) -> dict` run every `config.eval_every` steps on the main
             process; its 'sts' value tracks the best checkpoint. Default: the quick STS-B check.
@@ -145,7 +148,7 @@ class Trainer:
     def __init__(self, config: NSAConfig, *, data: str = "snli", output_dir: str | Path = "runs/nsa",
                  resume: str | None = None, callbacks: tuple[Callable[[dict], None], ...] = (),
                  eval_fn: Callable | None = None, keep_checkpoints: int = 3, max_consecutive_skips: int = 20,
-                 tokenizer=None, triplets=None, show_progress: bool = True):
+                 backup=None, backup_keep: int = 3, tokenizer=None, triplets=None, show_progress: bool = True):
         from accelerate import Accelerator
 
         self.config = config
@@ -190,9 +193,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, enabled=config.precision == "fp16")
         self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
 
+        target = backup_target(backup) if isinstance(backup, str) else backup
+        self.backups = BackupManager(target, keep=backup_keep) if target is not None else None
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.to_json(self.output_dir / "config.json")
+        if resume == "auto" and self.backups is not None:
+            self._fetch_newer_backup()
         checkpoint = find_resume_checkpoint(resume, self.output_dir)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
@@ -219,6 +226,17 @@ class Trainer:
         os.replace(tmp, final)
         self._prune()
         return final
+
+    def _fetch_newer_backup(self) -> None:
+        """Copy the newest backup into checkpoints/ when it is newer than every local checkpoint (e.g. a
+        new Colab runtime whose disk is empty, with the backups on Drive)."""
+        step = lambda name: int(name[len(CHECKPOINT_PREFIX):])  # noqa: E731
+        remote = [n for n in self.backups.target.names() if n.startswith(CHECKPOINT_PREFIX)]
+        local = list_checkpoints(self.output_dir)
+        if remote and (not local or step(max(remote, key=step)) > step(local[-1].name)):
+            newest = max(remote, key=step)
+            logger.info("resuming from the backup %s in %s", newest, self.backups.target)
+            self.backups.target.download(newest, self.checkpoint_dir / newest)
 
     def _prune(self) -> None:
         keep = set(list_checkpoints(self.checkpoint_dir)[-self.keep_checkpoints:])
@@ -325,8 +343,13 @@ class Trainer:
                                       f"--precision bf16 / no instead of fp16")
             if c.eval_every and self.state.step % c.eval_every == 0:
                 self.evaluate()
-            if c.save_every and self.state.step % c.save_every == 0 or self.state.stopped_early:
-                self.save_checkpoint()
+            backup_due = self.backups is not None and c.backup_every and self.state.step % c.backup_every == 0
+            if c.save_every and self.state.step % c.save_every == 0 or self.state.stopped_early or backup_due:
+                checkpoint = self.save_checkpoint()
+                if backup_due and checkpoint is not None:
+                    result = self.backups.backup(checkpoint)
+                    self._log({"step": self.state.step, "backup": result.__dict__,
+                               "target": repr(self.backups.target)})
             if self.state.stopped_early:
                 logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
                                self.state.evals_without_improvement)

@@ -1,0 +1,227 @@
+"""Checkpoint backups: every `backup_every` optimizer steps (default 3000, the original's every 6th
+checkpoint) the trainer copies its newest checkpoint folder to a target:
+
+    FolderTarget("/content/drive/MyDrive/nsa/run1")   a mounted Google Drive (Colab) or any local folder
+    DriveTarget.from_service_account(folder_id, key)   Google Drive through PyDrive2 (no mount needed)
+
+`backup_target("gdrive:<folder-id>")` or `backup_target("<path>")` picks one from a string. Every copy
+is written under a temporary name, verified (size and hash: sha256 for folders, Drive's md5 for Drive),
+then renamed; failures are retried with exponential back-off; the oldest backups are pruned to `keep`.
+`BackupManager.backup` never raises: a failing backup is reported and training goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DRIVE_FOLDER_MIME = "application/vnd.google-apps.folder"
+
+
+class BackupError(RuntimeError):
+    """A copy could not be made or did not verify."""
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+class FolderTarget:
+    """Backups as sub-folders of a folder (a mounted Drive in Colab, or any local path)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"FolderTarget({str(self.root)!r})"
+
+    def upload(self, source: Path, name: str) -> None:
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        for src in _files(source):
+            dst = tmp / src.relative_to(source)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            if dst.stat().st_size != src.stat().st_size or file_digest(dst) != file_digest(src):
+                raise BackupError(f"copy of {src.name} to {dst} does not match the original")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def delete(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def download(self, name: str, dest: Path) -> Path:
+        shutil.copytree(self.root / name, dest, dirs_exist_ok=True)
+        return dest
+
+
+class DriveTarget:
+    """Backups as sub-folders of a Google Drive folder, through PyDrive2.
+
+    Build it with `from_service_account(folder_id, key_file)` or `from_saved_credentials(folder_id,
+    credentials_file)`, or pass an authorised `pydrive2.drive.GoogleDrive`. Each file is uploaded into
+    `<name>.tmp`, checked against the md5 and size Drive reports, and the folder renamed to `<name>`.
+    """
+
+    def __init__(self, drive, folder_id: str):
+        self.drive, self.folder_id = drive, folder_id
+
+    def __repr__(self) -> str:
+        return f"DriveTarget(folder {self.folder_id!r})"
+
+    @classmethod
+    def from_service_account(cls, folder_id: str, key_file: str | Path, *, api_endpoint: str | None = None):
+        from pydrive2.auth import GoogleAuth
+
+        auth = GoogleAuth(settings={"client_config_backend": "service",
+                                    "service_config": {"client_json_file_path": str(key_file)}})
+        auth.ServiceAuth()
+        return cls(_drive(auth, api_endpoint), folder_id)
+
+    @classmethod
+    def from_saved_credentials(cls, folder_id: str, credentials_file: str | Path, *, api_endpoint: str | None = None):
+        from pydrive2.auth import GoogleAuth
+
+        auth = GoogleAuth()
+        auth.LoadCredentialsFile(str(credentials_file))
+        if auth.credentials is None:
+            raise BackupError(f"no saved Google credentials in {credentials_file}")
+        return cls(_drive(auth, api_endpoint), folder_id)
+
+    def _children(self, parent: str, extra: str = "") -> list:
+        query = f"'{parent}' in parents and trashed = false" + (f" and {extra}" if extra else "")
+        return self.drive.ListFile({"q": query}).GetList()
+
+    def _folder(self, name: str):
+        found = self._children(self.folder_id, f"title = '{name}' and mimeType = '{DRIVE_FOLDER_MIME}'")
+        return found[0] if found else None
+
+    def upload(self, source: Path, name: str) -> None:
+        stale = self._folder(f"{name}.tmp")
+        if stale is not None:
+            stale.Delete()
+        folder = self.drive.CreateFile({"title": f"{name}.tmp", "mimeType": DRIVE_FOLDER_MIME,
+                                        "parents": [{"id": self.folder_id}]})
+        folder.Upload()
+        for src in _files(source):
+            if src.parent != source:
+                raise BackupError(f"{src}: DriveTarget copies flat checkpoint folders only")
+            f = self.drive.CreateFile({"title": src.name, "parents": [{"id": folder["id"]}]})
+            f.SetContentFile(str(src))
+            f.Upload()
+            f.FetchMetadata(fields="md5Checksum,fileSize")
+            if int(f["fileSize"]) != src.stat().st_size or f["md5Checksum"] != file_digest(src, "md5"):
+                raise BackupError(f"Drive's copy of {src.name} does not match the original")
+        old = self._folder(name)
+        if old is not None:
+            old.Delete()
+        folder["title"] = name
+        folder.Upload()  # a metadata-only update: the rename
+
+    def names(self) -> list[str]:
+        return sorted(f["title"] for f in self._children(self.folder_id, f"mimeType = '{DRIVE_FOLDER_MIME}'")
+                      if not f["title"].endswith(".tmp"))
+
+    def delete(self, name: str) -> None:
+        folder = self._folder(name)
+        if folder is not None:
+            folder.Delete()
+
+    def download(self, name: str, dest: Path) -> Path:
+        folder = self._folder(name)
+        if folder is None:
+            raise BackupError(f"no backup {name!r} in Drive folder {self.folder_id}")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in self._children(folder["id"]):
+            f.GetContentFile(str(dest / f["title"]))
+        return dest
+
+
+def _drive(auth, api_endpoint: str | None):
+    """A GoogleDrive on `auth`; `api_endpoint` points the Drive API elsewhere (a stand-in server in tests)."""
+    from pydrive2.drive import GoogleDrive
+
+    if api_endpoint:  # the Drive v2 discovery document that ships with google-api-python-client, re-rooted
+        import json
+
+        from googleapiclient.discovery import build_from_document
+        from googleapiclient.discovery_cache import get_static_doc
+
+        doc = json.loads(get_static_doc("drive", "v2"))
+        root = api_endpoint.rstrip("/") + "/"
+        doc.update(rootUrl=root, baseUrl=root + doc["servicePath"], batchPath="batch/drive/v2")
+        auth.http = auth.http or auth.credentials.authorize(auth._build_http())
+        auth.service = build_from_document(doc, http=auth.http)
+    return GoogleDrive(auth)
+
+
+def backup_target(spec: str):
+    """'gdrive:<folder-id>' (PyDrive2, service-account key in $NSA_GDRIVE_KEY or credentials in
+    $NSA_GDRIVE_CREDENTIALS) or a folder path."""
+    import os
+
+    if spec.startswith("gdrive:"):
+        folder_id = spec.split(":", 1)[1]
+        if os.environ.get("NSA_GDRIVE_KEY"):
+            return DriveTarget.from_service_account(folder_id, os.environ["NSA_GDRIVE_KEY"])
+        if os.environ.get("NSA_GDRIVE_CREDENTIALS"):
+            return DriveTarget.from_saved_credentials(folder_id, os.environ["NSA_GDRIVE_CREDENTIALS"])
+        raise BackupError("a gdrive: backup target needs NSA_GDRIVE_KEY (a service-account key file) or "
+                          "NSA_GDRIVE_CREDENTIALS (saved PyDrive2 credentials); in Colab, mount Drive and "
+                          "pass a /content/drive/MyDrive/... folder instead")
+    return FolderTarget(spec)
+
+
+@dataclass
+class BackupResult:
+    name: str
+    ok: bool
+    attempts: int
+    seconds: float
+    error: str | None = None
+
+
+class BackupManager:
+    """Copies checkpoint folders to a target with retries and pruning; never raises."""
+
+    def __init__(self, target, *, keep: int = 3, retries: int = 3, backoff: float = 2.0):
+        self.target, self.keep, self.retries, self.backoff = target, keep, retries, backoff
+
+    def backup(self, checkpoint: Path) -> BackupResult:
+        started, error = time.perf_counter(), None
+        for attempt in range(1, self.retries + 1):
+            try:
+                self.target.upload(checkpoint, checkpoint.name)
+                self._prune()
+                logger.info("backed up %s to %s", checkpoint.name, self.target)
+                return BackupResult(checkpoint.name, True, attempt, time.perf_counter() - started)
+            except Exception as e:  # any failure of the copy: retry, then report
+                error = f"{type(e).__name__}: {e}"
+                logger.warning("backup of %s to %s failed (attempt %d/%d): %s", checkpoint.name, self.target,
+                               attempt, self.retries, error)
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2 ** (attempt - 1))
+        return BackupResult(checkpoint.name, False, self.retries, time.perf_counter() - started, error)
+
+    def _prune(self) -> None:
+        names = self.target.names()
+        for name in names[:max(0, len(names) - self.keep)]:
+            self.target.delete(name)
