@@ -382,24 +382,56 @@ class SpectralEntropyAttention(nn.Module):
             if attention_mask.shape != (B, S):
                 raise ValueError(f"attention_mask must be (batch, seq) = {(B, S)}, got {tuple(attention_mask.shape)}")
             key_mask = attention_mask.bool()
-
         projected = F.linear(x, *self._input_projection())  # (B, S, 3H [+ 3ds])
+        return self.ln(x + self._output(self._attend(projected, key_mask)))
+
+    def forward_tokens(self, x: torch.Tensor, layout: "TokenLayout") -> torch.Tensor:
+        """The same block on the real tokens only: x (T, H) are the rows `layout.index` of a padded (B, S)
+        batch. The per-token GEMMs run on T rows instead of B·S; only the attention core sees the padded
+        layout (padded rows zero, masked as keys, dropped as queries)."""
+        projected = layout.pad(F.linear(x, *self._input_projection()))  # (B, S, 3H [+ 3ds])
+        return self.ln(x + self._output(layout.unpad(self._attend(projected, layout.mask))))
+
+    def _attend(self, projected: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, S, 3H [+ 3ds]) projections -> (B, S, H [+ ds]): merged heads [y, sy] before the output GEMM."""
+        B, S, _ = projected.shape
+        H = self.q.in_features
         widths = [3 * H] + ([self.sq.out_features] * 3 if self.use_spectral else [])
         qkv, *spectral_qkv = projected.split(widths, dim=-1)  # one split: its backward is one cat
         if not self.use_spectral:
             y = softmax_attention(*self._heads(qkv), key_mask)  # (B, h, S, d)
-            return self.ln(x + self.o(self.dropout(y.transpose(1, 2).reshape(B, S, H))))
-
-        if (self.fractal_weights.shape[0] == 1 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled("cpu") and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
+            return self.dropout(y.transpose(1, 2).reshape(B, S, H))
+        if (self.fractal_weights.shape[0] == 1 and projected.device.type == "cpu"
+                and projected.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+                and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
             y = _FractalSoftmaxAttention.apply(qkv, self.fractal_weights[0], key_mask, self.num_heads)  # (B, h, S, d)
         else:
             q, k, v = self._heads(qkv)
             q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
             y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
         sy = spectral_attention(*spectral_qkv, key_mask, self.spectral_chunk_size)  # (B, S, ds)
-        # o(y) + clamp(f) st(sy) as one GEMM over [y, sy]
+        return torch.cat([self.dropout(y.transpose(1, 2).reshape(B, S, H)), sy], dim=-1)  # (B, S, H + ds)
+
+    def _output(self, merged: torch.Tensor) -> torch.Tensor:
+        """o(y) + clamp(f, 0, 0.5) · st(sy) as one GEMM over [y, sy]."""
+        if not self.use_spectral:
+            return self.o(merged)
         fusion = self.spectral_fusion_weight.clamp(0.0, 0.5)
-        merged = torch.cat([self.dropout(y.transpose(1, 2).reshape(B, S, H)), sy], dim=-1)  # (B, S, H + ds)
-        out = F.linear(merged, torch.cat([self.o.weight, fusion * self.st.weight], dim=1), self.o.bias)
-        return self.ln(x + out)
+        return F.linear(merged, torch.cat([self.o.weight, fusion * self.st.weight], dim=1), self.o.bias)
+
+
+class TokenLayout:
+    """Where the real tokens of a padded (B, S) batch are: `index` (T,) into the flattened B·S positions.
+    `unpad` takes (B, S, ...) to (T, ...), `pad` puts (T, ...) back with zeros at the padding."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.bool()  # (B, S)
+        self.shape = tuple(mask.shape)
+        self.index = self.mask.flatten().nonzero().squeeze(1)  # (T,)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[2:]).index_select(0, self.index)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((self.shape[0] * self.shape[1],) + tuple(t.shape[1:]))
+        return out.index_copy(0, self.index, t).view(*self.shape, *t.shape[1:])

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SpectralEntropyAttention
+from .attention import SpectralEntropyAttention, TokenLayout
 from .config import PRESETS, NSAConfig
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class NSABlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.ffn(self.attn(x, mask))
 
+    def forward_tokens(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self.ffn(self.attn.forward_tokens(x, layout))  # x: (T, H), real tokens only
+
 
 class NSAEncoder(nn.Module):
     """Token + learned position embeddings, `num_layers` blocks, final LayerNorm: (B, S) -> (B, S, H)."""
@@ -78,17 +81,27 @@ class NSAEncoder(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, S) ids -> (B, S, H). With padding, every per-token layer runs on the real tokens only (T of
+        the B·S positions; the attention core alone sees the padded layout), and the padded positions of
+        the result are zero."""
         S = input_ids.shape[1]
         if attention_mask is None:
-            positions = torch.arange(S, device=input_ids.device)[None, :]
-        else:  # count real tokens, so that left padding gives the same positions as right padding
-            positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
-        x = self.dropout(self.tok_emb(input_ids) + self.pos_emb(positions))  # (B, S, H)
+            positions = torch.arange(S, device=input_ids.device)[None, :].expand_as(input_ids)
+            return self._run(self.tok_emb(input_ids) + self.pos_emb(positions), None)
+        # count real tokens, so that left padding gives the same positions as right padding
+        positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+        layout = TokenLayout(attention_mask)
+        x = self.tok_emb(layout.unpad(input_ids)) + self.pos_emb(layout.unpad(positions))  # (T, H)
+        return layout.pad(self._run(x, layout))
+
+    def _run(self, x: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
+        x = self.dropout(x)
         for block in self.layers:
+            step = block.forward_tokens if layout is not None else block.forward
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, attention_mask, use_reentrant=False)
+                x = checkpoint(step, x, layout, use_reentrant=False)
             else:
-                x = block(x, attention_mask)
+                x = step(x, layout)
         return self.ln(x)
 
 

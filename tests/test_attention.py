@@ -353,3 +353,24 @@ def test_fused_fractal_softmax_attention_passes_gradcheck(masked, block_floats, 
         return _FractalSoftmaxAttention.apply(qkv, w, mask, heads) * real_rows
 
     assert torch.autograd.gradcheck(f, (qkv, w))
+
+
+@pytest.mark.parametrize("use_spectral", [True, False])
+def test_forward_tokens_equals_forward_on_real_tokens(softmax_path, use_spectral):
+    """The unpadded path the encoder takes (per-token GEMMs on real tokens only) against the padded one."""
+    from nsa_lib.attention import TokenLayout
+
+    cfg = NSAConfig.from_preset("tiny", dropout=0.0, fractal_init=0.5, use_spectral=use_spectral)
+    att = SpectralEntropyAttention(cfg).double().eval()
+    x, mask = make_inputs(LENGTHS, hidden=cfg.hidden_size, dtype=torch.float64)
+    x = x.clone().requires_grad_(True)
+    layout = TokenLayout(mask)
+    tokens = layout.unpad(x).detach().requires_grad_(True)
+    padded_out = att(x, mask)
+    token_out = att.forward_tokens(tokens, layout)
+    assert token_out.shape == (int(mask.sum()), cfg.hidden_size)
+    assert (layout.unpad(padded_out) - token_out).abs().max() <= 1e-12
+    (layout.unpad(padded_out) ** 2).sum().backward()
+    (token_out ** 2).sum().backward()
+    assert (layout.unpad(x.grad) - tokens.grad).abs().max() <= 1e-10
+    assert torch.equal(layout.pad(tokens)[mask.bool()], tokens)
