@@ -358,24 +358,32 @@ class Trainer:
         return self.state
 
     def evaluate(self) -> dict:
-        """Run `eval_fn` on the main process, log it, and track the best STS."""
-        if not self.accelerator.is_main_process or self.eval_fn is None:
-            return {}
-        # the evaluation must not move the training RNG streams (resumed runs must match)
-        saved = rng_state()
-        result = self.eval_fn(self.accelerator.unwrap_model(self.model), self.tokenizer)
-        set_rng_state(saved)
-        if "sts" in result:
-            if result["sts"] > self.state.best_sts:
-                self.state.best_sts, self.state.best_step = result["sts"], self.state.step
-                self.state.evals_without_improvement = 0
-            else:
-                self.state.evals_without_improvement += 1
-                self.state.stopped_early = self.state.evals_without_improvement >= self.config.early_stopping_patience
-        record = {"step": self.state.step, "eval": result, "best_sts": self.state.best_sts,
-                  "best_step": self.state.best_step}
-        self.state.history.append(record)
-        self._log(record)
+        """Run `eval_fn` on the main process, log it, and track the best STS; every process learns whether
+        to stop early."""
+        result: dict = {}
+        if self.accelerator.is_main_process and self.eval_fn is not None:
+            # the evaluation must not move the training RNG streams (resumed runs must match)
+            saved = rng_state()
+            result = self.eval_fn(self.accelerator.unwrap_model(self.model), self.tokenizer)
+            set_rng_state(saved)
+            if "sts" in result:
+                if result["sts"] > self.state.best_sts:
+                    self.state.best_sts, self.state.best_step = result["sts"], self.state.step
+                    self.state.evals_without_improvement = 0
+                else:
+                    self.state.evals_without_improvement += 1
+                    self.state.stopped_early = (self.state.evals_without_improvement
+                                                >= self.config.early_stopping_patience)
+            record = {"step": self.state.step, "eval": result, "best_sts": self.state.best_sts,
+                      "best_step": self.state.best_step}
+            self.state.history.append(record)
+            self._log(record)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            flags = [self.state.stopped_early, self.state.best_step]
+            broadcast_object_list(flags)
+            self.state.stopped_early, self.state.best_step = flags
         return result
 
 
