@@ -103,21 +103,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer()
     trainer = Trainer(config, data=args.data, output_dir=args.output_dir, resume=resume, tokenizer=tokenizer,
                       backup=args.backup_dir)
-    print(f"Spectra-NSA {config.size}: {trainer.accelerator.unwrap_model(trainer.model).num_parameters():,} "
-          f"parameters, {trainer.total_steps} optimizer steps of {config.effective_batch_size} triplets "
-          f"({trainer.steps_per_epoch} per epoch), device {trainer.device}, precision {config.precision}")
-    dev = load_stsb("dev") if args.final_eval else None
+    main_process = trainer.accelerator.is_main_process
+    say = print if main_process else (lambda *a, **k: None)
+    say(f"Spectra-NSA {config.size}: {trainer.accelerator.unwrap_model(trainer.model).num_parameters():,} "
+        f"parameters, {trainer.total_steps} optimizer steps of {config.effective_batch_size * trainer.world} "
+        f"triplets ({trainer.steps_per_epoch} per epoch, {trainer.world} process(es)), device {trainer.device}, "
+        f"precision {config.precision}")
+    dev = load_stsb("dev") if args.final_eval and main_process else None
     if dev is not None and trainer.state.step == 0:
-        before = sts_spearman(nsa_encoder(trainer.model, tokenizer), dev)
-        print(f"STS-B dev Spearman before training: {before:.4f}")
+        before = sts_spearman(nsa_encoder(trainer.accelerator.unwrap_model(trainer.model), tokenizer), dev)
+        say(f"STS-B dev Spearman before training: {before:.4f}")
     state = trainer.train()
+    if not main_process:
+        return 0
     out = Path(args.output_dir) / "final"
     trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
     best = f"best quick STS {state.best_sts:.4f} (step {state.best_step})" if state.best_step >= 0 else "no quick STS"
-    print(f"done: step {state.step}, skipped steps {state.skipped}, {best}; model saved to {out}")
+    say(f"done: step {state.step}, skipped steps {state.skipped}, {best}; model saved to {out}")
     if dev is not None:
         model = NSAModel.from_pretrained(out)
-        print(f"STS-B dev Spearman after training: {sts_spearman(nsa_encoder(model, tokenizer), dev):.4f}")
+        say(f"STS-B dev Spearman after training: {sts_spearman(nsa_encoder(model, tokenizer), dev):.4f}")
     return 0
 
 

@@ -157,7 +157,10 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.max_consecutive_skips = max_consecutive_skips
         self.show_progress = show_progress
-        self.accelerator = Accelerator(mixed_precision="no")
+        # mixed precision is ours (torch autocast); cpu=True where no accelerator is present, so that several
+        # CPU processes (torchrun / accelerate launch) form a gloo process group
+        no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        self.accelerator = Accelerator(mixed_precision="no", cpu=no_accelerator)
         self.device = self.accelerator.device
         self.state = TrainState()
 

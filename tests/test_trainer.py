@@ -223,3 +223,22 @@ def test_cli_train_then_eval(tmp_path):
                           "--size", "tiny", "--output-dir", str(tmp_path / "x")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "missing.jsonl: no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(tmp_path):
+    """Several processes (here 2 CPU processes over gloo, as `accelerate launch` / torchrun start them):
+    each takes every other micro-batch, one metrics stream and one set of checkpoints are written."""
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "nsa_lib", "train", "--size", "tiny",
+                           "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--no-final-eval",
+                           "--max-train-samples", "3000", "--output-dir", str(run)],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Spectra-NSA tiny") == 1 and "2 process(es)" in done.stdout
+    assert "(91 per epoch" in done.stdout  # 2,940 training triplets / 16 per micro-batch / 2 processes
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [c.name for c in list_checkpoints(run)] == ["ckpt-0000003", "ckpt-0000006"]
