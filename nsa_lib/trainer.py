@@ -327,7 +327,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
 
-            record = {"step": self.state.step, "epoch": self.state.epoch,
+            record = {"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
                       **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
                       "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
                       "skipped": skipped, "skipped_total": self.state.skipped,
