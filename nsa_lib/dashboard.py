@@ -7,7 +7,8 @@
 Panels: total loss and every loss term, learning rate and temperature, the gradient-norm band
 (mean ± std, max), quick STS against the baseline and the preset's target, anomaly-score spread and
 spectral entropy; beside them the current health warnings, the last checkpoint/backup and throughput
-with an ETA. Redraws happen at most every `min_interval` seconds, so feeding it every step costs little.
+with an ETA. When fed live, redraws happen at most every `min_interval` seconds and take at most
+`max_overhead` (2%) of the wall time, so feeding it every step costs little (bench/dashboard_overhead.py).
 
 `read_metrics` reads a metrics file that is still being written: only complete lines are taken, and the
 next call continues where the last one stopped.
@@ -155,15 +156,18 @@ class Dashboard:
         runs: run folders (or metrics.jsonl paths) to follow; may be empty when fed live.
         total_steps: the run's planned optimizer steps, for the ETA (default: from config.json).
         min_interval: seconds between redraws when fed live.
+        max_overhead: when fed live, redraws are also spaced so that drawing takes at most this fraction
+            of the wall time (a redraw costs ~0.1-0.3 s), whatever the training speed.
     """
 
     def __init__(self, runs: list[str | Path] | tuple = (), *, total_steps: int | None = None,
-                 min_interval: float = 5.0, name: str = "run"):
+                 min_interval: float = 5.0, max_overhead: float = 0.02, name: str = "run"):
         self.paths = [metrics_path(r) for r in runs]
         self.histories = [RunHistory(p.parent.name) for p in self.paths] or [RunHistory(name)]
         self.total_steps = total_steps or self._planned_steps()
         self.min_interval = min_interval
-        self.last_draw = 0.0
+        self.max_overhead = max_overhead
+        self.next_draw = 0.0  # time.monotonic() after which a live update may redraw
         self.draws = 0
         self._widget = None
         self.figure = None
@@ -180,7 +184,7 @@ class Dashboard:
     def update(self, record: dict) -> None:
         """A trainer callback: add one record; redraw if `min_interval` has passed."""
         self.histories[0].add(record)
-        if time.monotonic() - self.last_draw >= self.min_interval:
+        if time.monotonic() >= self.next_draw:
             self.render()
 
     def refresh(self) -> int:
@@ -244,8 +248,8 @@ class Dashboard:
         return self._widget
 
     def render(self) -> None:
+        started = time.monotonic()
         self.figure = draw(self.histories, self.figure)
-        self.last_draw = time.monotonic()
         self.draws += 1
         if self._widget is not None:
             import io
@@ -254,6 +258,8 @@ class Dashboard:
             self.figure.savefig(buf, format="png", dpi=80)
             self._image.value = buf.getvalue()
             self._html.value = self._status_html()
+        took = time.monotonic() - started
+        self.next_draw = started + max(self.min_interval, took / self.max_overhead if self.max_overhead else 0.0)
 
     def save_png(self, path: str | Path, dpi: int = 100) -> Path:
         if self.figure is None:

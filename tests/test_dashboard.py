@@ -47,7 +47,7 @@ def test_missing_or_empty_runs_are_clear_errors(tmp_path):
 
 
 def test_live_feed_draws_the_fed_values_and_fills_the_widgets():
-    dash = Dashboard(min_interval=0.0, total_steps=10)
+    dash = Dashboard(min_interval=0.0, max_overhead=0.0, total_steps=10)  # redraw on every record
     for n in range(1, 6):
         dash.update(step(n, warnings=["embedding collapse: 0.95"] if n == 5 else []))
     dash.update({"step": 5, "eval": {"sts": 0.61, "baseline_sts": 0.807, "target_sts": 0.825}, "best_sts": 0.61})
@@ -71,6 +71,14 @@ def test_redraws_are_throttled():
     for n in range(1, 50):
         dash.update(step(n))
     assert dash.draws == 1  # the first record draws, the rest wait for the interval
+
+
+def test_redraws_are_spaced_to_bound_their_share_of_the_time():
+    dash = Dashboard(min_interval=0.0, max_overhead=0.01)
+    dash.update(step(1))  # draws, taking some tens of milliseconds
+    for n in range(2, 20):
+        dash.update(step(n))  # within 100x the draw time: none of these draw
+    assert dash.draws == 1
 
 
 def test_overlaid_runs_and_png(tmp_path):
