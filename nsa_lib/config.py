@@ -165,7 +165,7 @@ class NSAConfig:
     @classmethod
     def from_preset(cls, name: str = "M456", **overrides: Any) -> "NSAConfig":
         """The preset `name` (case-insensitive) with `overrides` applied, e.g. `from_preset("tiny", lr=1e-3)`."""
-        key = {k.lower(): k for k in PRESETS}.get(str(name).lower())
+        key = preset_name(name)
         if key is None:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -200,6 +200,11 @@ class NSAConfig:
         if not text.lstrip().startswith("{"):
             text = Path(path_or_text).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def preset_name(name) -> str | None:
+    """The preset called `name`, case-insensitively ('m456' -> 'M456'), or None."""
+    return {k.lower(): k for k in PRESETS}.get(str(name).lower())
 
 
 def _original_preset(hidden, layers, heads, spectral_dim, max_length, batch, accum, lr):

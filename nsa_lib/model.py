@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import SpectralEntropyAttention, TokenLayout
-from .config import PRESETS, NSAConfig
+from .config import PRESETS, NSAConfig, preset_name
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def _config_from_seed_state(state: dict[str, torch.Tensor], cfg: dict[str, Any])
                              f"the weights do not belong to this configuration")
     # what the weights' shapes cannot say (num_heads, the smaller Matryoshka dims) comes from the preset
     # that cfg names, else the preset of the same width, else the original's default, M456
-    by_name = {k.lower(): k for k in PRESETS}.get(str(cfg.get("size", "")).lower())
+    by_name = preset_name(cfg.get("size", ""))
     if "size" in cfg and by_name is None and "num_heads" not in given:
         raise ValueError(f"checkpoint cfg names size {cfg['size']!r}, which is no preset, and no num_heads")
     same_width = [name for name, p in PRESETS.items() if p["hidden_size"] == hidden]

@@ -43,7 +43,7 @@ def gradient_stats(named_parameters) -> dict[str, float]:
         return {}
     norms = torch.stack(torch._foreach_norm([g for _, g in named])).float()
     dense = [g for n, g in named if not n.endswith("_emb.weight")]
-    zeros = sum(int((g == 0).sum()) for g in dense)
+    zeros = int(torch.stack([(g == 0).sum() for g in dense]).sum()) if dense else 0  # one device sync, not one per tensor
     total = max(1, sum(g.numel() for g in dense))
     return {"grad_norm_mean": float(norms.mean()), "grad_norm_std": float(norms.std()) if len(norms) > 1 else 0.0,
             "grad_norm_max": float(norms.max()), "dead_grad_ratio": zeros / total}

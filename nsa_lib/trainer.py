@@ -57,6 +57,15 @@ class TrainingStopped(RuntimeError):
 # checkpoints
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoint_step(name: str) -> int:
+    """The optimizer step of a checkpoint folder name, ckpt-0000500 -> 500."""
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints under `folder` (a run folder or its checkpoints/), oldest first."""
     folder = Path(folder)
@@ -66,7 +75,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
              and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file() and (p / "model.safetensors").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
 def find_resume_checkpoint(resume: str | None, *folders: str | Path | None) -> Path | None:
@@ -79,7 +88,7 @@ def find_resume_checkpoint(resume: str | None, *folders: str | Path | None) -> P
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
         return path
     candidates = [c for f in folders if f for c in list_checkpoints(f)]
-    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    return max(candidates, key=lambda p: checkpoint_step(p.name), default=None)
 
 
 def rng_state() -> dict:
@@ -218,7 +227,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        final = self.checkpoint_dir / checkpoint_name(self.state.step)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
@@ -233,17 +242,16 @@ class Trainer:
     def _fetch_newer_backup(self) -> None:
         """Copy the newest backup into checkpoints/ when it is newer than every local checkpoint (e.g. a
         new Colab runtime whose disk is empty, with the backups on Drive)."""
-        step = lambda name: int(name[len(CHECKPOINT_PREFIX):])  # noqa: E731
         remote = [n for n in self.backups.target.names() if n.startswith(CHECKPOINT_PREFIX)]
         local = list_checkpoints(self.output_dir)
-        if remote and (not local or step(max(remote, key=step)) > step(local[-1].name)):
-            newest = max(remote, key=step)
+        newest = max(remote, key=checkpoint_step, default=None)
+        if newest is not None and (not local or checkpoint_step(newest) > checkpoint_step(local[-1].name)):
             logger.info("resuming from the backup %s in %s", newest, self.backups.target)
             self.backups.target.download(newest, self.checkpoint_dir / newest)
 
     def _prune(self) -> None:
         keep = set(list_checkpoints(self.checkpoint_dir)[-self.keep_checkpoints:])
-        best = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.best_step:07d}"
+        best = self.checkpoint_dir / checkpoint_name(self.state.best_step)
         for ckpt in list_checkpoints(self.checkpoint_dir):
             if ckpt not in keep and ckpt != best:
                 shutil.rmtree(ckpt, ignore_errors=True)
