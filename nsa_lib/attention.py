@@ -108,129 +108,164 @@ def _blocks(BH: int, S: int, budget: int) -> list[tuple[slice, slice]]:
     return [(slice(g, g + heads), slice(r, r + rows)) for g in range(0, BH, heads) for r in range(0, S, rows)]
 
 
-class _FractalSoftmaxAttention(torch.autograd.Function):
-    """softmax(q kᵀ + w N, masked keys -inf) v for fractal_depth 1, fused by hand for the CPU.
+class _FusedSpectralEntropyAttention(torch.autograd.Function):
+    """The whole attention core of the block for fractal_depth 1 on a CPU (fp32/fp64), fused by hand:
+    projections in, merged heads [dropout(y), sy] out, ready for the output GEMM.
 
-    The same exact algebra as `fractal_augment` + `softmax_attention`. On a CPU the cost of attention is
-    memory traffic over (S, S) tensors more than arithmetic, so: the scores are one GEMM
-    [q, c ⊙ R] · [k, q]ᵀ written straight into the buffer that keeps the probabilities, masked and
-    soft-maxed in place; long sequences run in blocks of (heads, query rows) that stay in cache; V is
-    never zero-padded; the backward is written out (6 S²·d products for the core, 5 S·d² for the fractal
-    term) and reuses one workspace across blocks. The probabilities are kept for the backward pass (no
-    recomputation), which is why this path is bounded by CPU_FUSED_MAX_SCORES.
-    qkv: (B, S, 3H) as projected (q with the softmax scale folded in); w: 0-dim; key_mask: (B, S) bool or
-    None. Returns y (B, h, S, d); the gradient of qkv comes back as one contiguous (B, S, 3H) tensor.
+    The same function as `fractal_augment` + `softmax_attention` + `spectral_attention`, computed in the
+    form that is cheapest where (S, S) tensors sit in cache. Per head, with q, k zeroed at padded rows:
+
+        M = kᵀk,  R = q M,  F = R qᵀ          F = P restricted to real keys: row i of P is R_i · q_j
+        n_i = ‖F_i‖₂                          padded columns of F are already 0, so the norm is over real j
+        scores = q kᵀ + (w / max(n, 1e-12)) ⊙ F,  masked keys -inf,  y = softmax(scores) v
+
+    F costs the same S²·d as the second half of the augmented-score GEMM, and reading its rows for n is
+    cheaper than the Gram route (G = qᵀq, R G: two more S·d² products forward, two backward). Backward:
+    dF = c ⊙ dscores + (dn / n) ⊙ F with dn_i = -w dc_i / n_i², dc_i = Σ_j dscores_ij F_ij; then
+    dR = dF q, d(q as key) = dFᵀ R, and M's chain (3 S·d² products). The spectral path,
+    sy = sigmoid(qs ksᵀ/√ds)² (vs ⊙ m), and dropout on y run inside too, so the gradient of the projections
+    comes back as one (B, S, 3H + 3ds) tensor with no split/cat copies.
+
+    Long sequences run in blocks of (heads, query rows) of about BLOCK_FLOATS scores each, which stay in
+    cache; F and the probabilities are kept for the backward pass (no recomputation), which is why this
+    path is bounded by CPU_FUSED_MAX_SCORES. Padded query rows are unspecified (they attend as q = 0).
+    projected: (B, S, 3H + 3ds) with the softmax scale folded into q; w: 0-dim; key_mask: (B, S) bool or
+    None; dropout_p: the probability applied to y (0 outside training). Returns (B, S, H + ds).
     """
 
     BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per block
 
     @staticmethod
-    def forward(ctx, qkv, w, key_mask, num_heads):
-        B, S, H3 = qkv.shape
-        h, d = num_heads, H3 // (3 * num_heads)
-        BH = B * h
-        # one copy from the projection's (B, S, 3, h, d) layout to three head-major (BH, S, d) tensors
-        q3, k3, v3 = qkv.view(B, S, 3, h, d).permute(2, 0, 3, 1, 4).reshape(3, BH, S, d).unbind(0)
+    def forward(ctx, projected, w, key_mask, num_heads, spectral_dim, dropout_p):
+        B, S, width = projected.shape
+        ds, h = spectral_dim, num_heads
+        H = (width - 3 * ds) // 3
+        d, BH = H // h, B * h
+        dtype, device = projected.dtype, projected.device
+        # one copy from the projection's (B, S, 3, h, d) layout to head-major q, k, v (BH, S, d) each
+        qkv = torch.empty(3, B, h, S, d, dtype=dtype, device=device)
+        qkv.copy_(projected[..., :3 * H].unflatten(-1, (3, h, d)).permute(2, 0, 3, 1, 4))
+        q, k, v = qkv.view(3, BH, S, d).unbind(0)
+        qs, ks, vs = projected[..., 3 * H:].split(ds, dim=-1)  # (B, S, ds) views
+        qs = qs * ds ** -0.5
         if key_mask is None:
-            qm, km, bias = q3, k3, None
+            real, bias = None, None
+            vs = vs.contiguous()
         else:
             real = key_mask.repeat_interleave(h, dim=0)  # (BH, S)
-            m3 = real[:, :, None].to(qkv.dtype)
-            qm, km = q3 * m3, k3 * m3
-            bias = torch.zeros(BH, 1, S, dtype=qkv.dtype, device=qkv.device).masked_fill_(~real[:, None, :], float("-inf"))
-        M = km.transpose(1, 2) @ km  # (BH, d, d) = Σ_real k kᵀ, so that P = q M qᵀ
-        G = qm.transpose(1, 2) @ qm  # (BH, d, d) = Σ_real q qᵀ
-        R = q3 @ M  # (BH, S, d)
-        T = R @ G  # (BH, S, d)
-        norm_sq = torch.linalg.vecdot(T, R).unsqueeze(-1)  # (BH, S, 1) = ‖P[i, real j]‖²
-        inv_norm = norm_sq.clamp_min(1e-24).rsqrt()
-        cR = R * (w * inv_norm)  # (BH, S, d): the fractal half of the augmented query
-        blocks = _blocks(BH, S, _FractalSoftmaxAttention.BLOCK_FLOATS)
-        ctx.blocks = blocks
-        q_aug = torch.cat([q3, cR], dim=-1)  # (BH, S, 2d): [q, c ⊙ R]
-        kT_aug = torch.cat([k3.transpose(1, 2), q3.transpose(1, 2)], dim=1)  # (BH, 2d, S): [k, q]ᵀ
-        if len(blocks) == 1:  # small enough to stay in cache whole
-            probs = torch.bmm(q_aug, kT_aug)  # (BH, S, S) scores
-            if bias is not None:
-                probs.add_(bias)
-            torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # in place (the kernel reads a row before writing it)
-            ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug[..., d:], probs)
-            ctx.num_heads = h
-            return (probs @ v3).view(B, h, S, d)
+            m = real[:, :, None].to(dtype)
+            q.mul_(m)  # padded rows of q, k zero: the Gram sums below then run over real tokens only
+            k.mul_(m)
+            bias = torch.zeros(BH, 1, S, dtype=dtype, device=device).masked_fill_(~real[:, None, :], float("-inf"))
+            vs = vs * key_mask[:, :, None].to(dtype)  # masked keys contribute nothing to the spectral path
+        M = k.transpose(1, 2) @ k  # (BH, d, d) = Σ_real k kᵀ
+        R = q @ M  # (BH, S, d)
+        qT, kT = q.transpose(1, 2), k.transpose(1, 2)  # (BH, d, S) views
+        blocks = _blocks(BH, S, _FusedSpectralEntropyAttention.BLOCK_FLOATS)
         keep = any(ctx.needs_input_grad)
-        probs = torch.empty(BH, S, S, dtype=qkv.dtype, device=qkv.device) if keep else None
-        work = None if keep else torch.empty(_block_numel(blocks, S), dtype=qkv.dtype, device=qkv.device)
-        y = torch.empty(BH, S, d, dtype=qkv.dtype, device=qkv.device)
-        for g, r in blocks:  # a block (heads g, rows r) of probs is contiguous: rows < S only for one head
-            p = probs[g, r] if keep else _view(work, q_aug[g, r].shape[:2] + (S,))
-            torch.bmm(q_aug[g, r], kT_aug[g], out=p)  # (heads, rows, S) scores
-            if bias is not None:
-                p.add_(bias[g])
+        if not keep:
+            work = torch.empty(2, _block_numel(blocks, S), dtype=dtype, device=device)
+        # F and the probabilities, one tensor per block (for the backward pass): each stays under the size
+        # at which glibc's malloc maps fresh pages (and page-faults them in) on every call
+        fracs, probs = [], []
+        norm = torch.empty(BH, S, 1, dtype=dtype, device=device)
+        y = torch.empty(BH, S, d, dtype=dtype, device=device)
+        for g, r in blocks:
+            shape = q[g, r].shape[:2] + (S,)  # (heads, rows, S)
+            f = torch.empty(shape, dtype=dtype, device=device) if keep else _view(work[0], shape)
+            p = torch.empty(shape, dtype=dtype, device=device) if keep else _view(work[1], shape)
+            fracs.append(f)
+            probs.append(p)
+            torch.bmm(R[g, r], qT[g], out=f)  # (heads, rows, S): F
+            n = torch.linalg.vector_norm(f, dim=-1, keepdim=True)  # (heads, rows, 1)
+            norm[g, r] = n
+            c = w / n.clamp_min_(1e-12)
+            if bias is None:
+                torch.mul(f, c, out=p)
+            else:
+                torch.addcmul(bias[g], f, c, out=p)
+            p.baddbmm_(q[g, r], kT[g])  # scores
             torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place (the kernel reads a row before writing it)
-            torch.bmm(p, v3[g], out=y[g, r])
-        ctx.save_for_backward(q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug, probs)
-        ctx.num_heads = h
-        return y.view(B, h, S, d)
+            torch.bmm(p, v[g], out=y[g, r])
+        gate = torch.sigmoid_(qs @ ks.transpose(1, 2))  # (B, S, S) spectral map g
+        merged = torch.empty(B, S, H + ds, dtype=dtype, device=device)
+        merged[..., :H].view(B, S, h, d).copy_(y.view(B, h, S, d).transpose(1, 2))
+        merged[..., H:] = (gate * gate) @ vs
+        keep_mask = None
+        if dropout_p > 0:
+            keep_mask = torch.empty(B, S, H, dtype=dtype, device=device).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+            merged[..., :H].mul_(keep_mask)
+        if keep:
+            ctx.save_for_backward(q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *fracs, *probs)
+            ctx.blocks, ctx.num_heads = blocks, h
+        return merged
 
     @staticmethod
-    def backward(ctx, dy):
-        q3, k3, v3, qm, km, w, M, R, T, norm_sq, inv_norm, q_aug, probs = ctx.saved_tensors
-        BH, S, d = q3.shape
-        dy3 = dy.reshape(BH, S, d)
-        if len(ctx.blocks) == 1:
-            dq, dk, dv, dcR = _core_backward_whole(dy3, q3, k3, v3, q_aug, probs)
-        else:
-            dq, dk, dv, dcR = _core_backward_blocked(dy3, q3, k3, v3, q_aug, probs, ctx.blocks)
-        # c ⊙ R with c = w / max(‖P_i‖, 1e-12) and ‖P_i‖² = R_i G R_iᵀ
-        dc = torch.linalg.vecdot(dcR, R).unsqueeze(-1)
-        dw = (dc * inv_norm).sum().reshape(w.shape)
-        dnorm_sq = (dc * w).mul_(inv_norm.pow(3)).mul_(-0.5).mul_(norm_sq > 1e-24)
-        dR = (dcR * (w * inv_norm)).add_(T * (2.0 * dnorm_sq))
-        dG = R.transpose(1, 2) @ (R * dnorm_sq)  # symmetric
-        dM = q3.transpose(1, 2) @ dR
-        dq.baddbmm_(dR, M).baddbmm_(qm, dG, alpha=2.0)  # R = q M; G = Σ_real q qᵀ
-        dk = dk.baddbmm(km, dM + dM.transpose(1, 2))  # M = Σ_real k kᵀ
-        B, h = dy.shape[0], ctx.num_heads
-        dqkv = torch.empty(B, S, 3, h, d, dtype=dy.dtype, device=dy.device)
-        for i, grad in enumerate((dq, dk, dv)):
-            dqkv[:, :, i].copy_(grad.view(B, h, S, d).transpose(1, 2))
-        return dqkv.view(B, S, 3 * h * d), dw, None, None
-
-
-def _core_backward_whole(dy3, q3, k3, v3, cR, probs):
-    """Gradients of softmax(q kᵀ + cR qᵀ) v w.r.t. q, k, v and cR, all heads and rows at once."""
-    dscores = torch._softmax_backward_data(dy3 @ v3.transpose(1, 2), probs, -1, probs.dtype)  # (BH, S, S)
-    dv = probs.transpose(1, 2) @ dy3
-    dk = dscores.transpose(1, 2) @ q3
-    dq = torch.baddbmm(dscores @ k3, dscores.transpose(1, 2), cR)  # q as query and as key
-    dcR = dscores @ q3
-    return dq, dk, dv, dcR
-
-
-def _core_backward_blocked(dy3, q3, k3, v3, q_aug, probs, blocks):
-    """The same in blocks of (heads, query rows), one workspace reused; q_aug = [q, cR]."""
-    BH, S, d = q3.shape
-    vT = v3.transpose(1, 2).contiguous()
-    k_aug = torch.cat([k3, q3], dim=-1)  # (BH, S, 2d)
-    # sums over query rows accumulate transposed, (BH, ., S), so each GEMM reads its block as it lies
-    dvT = torch.empty(BH, d, S, dtype=dy3.dtype, device=dy3.device)
-    dkT_aug = torch.empty(BH, 2 * d, S, dtype=dy3.dtype, device=dy3.device)  # [dk, dq as key]ᵀ
-    dq_aug = torch.empty_like(q_aug)  # [dq, d(c ⊙ R)]
-    work = torch.empty(_block_numel(blocks, S), dtype=dy3.dtype, device=dy3.device)
-    for g, r in blocks:
-        p = probs[g, r]
-        dscores = torch.bmm(dy3[g, r], vT[g], out=_view(work, p.shape))  # d probs
-        torch.ops.aten._softmax_backward_data.out(dscores, p, -1, p.dtype, grad_input=dscores)  # in place
-        if r.start == 0:  # first block of these heads: write, later blocks accumulate
-            torch.bmm(dy3[g, r].transpose(1, 2), p, out=dvT[g])
-            torch.bmm(q_aug[g, r].transpose(1, 2), dscores, out=dkT_aug[g])
-        else:
-            dvT[g].baddbmm_(dy3[g, r].transpose(1, 2), p)
-            dkT_aug[g].baddbmm_(q_aug[g, r].transpose(1, 2), dscores)
-        torch.bmm(dscores, k_aug[g], out=dq_aug[g, r])
-    del work
-    dq = dq_aug[..., :d] + dkT_aug[:, d:].transpose(1, 2)
-    return dq, dkT_aug[:, :d].transpose(1, 2), dvT.transpose(1, 2), dq_aug[..., d:]
+    def backward(ctx, dmerged):
+        q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *kept = ctx.saved_tensors
+        fracs, probs = kept[:len(ctx.blocks)], kept[len(ctx.blocks):]
+        BH, S, d = q.shape
+        B, h, ds = dmerged.shape[0], ctx.num_heads, qs.shape[-1]
+        H = h * d
+        dtype, device = q.dtype, q.device
+        dy_merged = dmerged[..., :H] if keep_mask is None else dmerged[..., :H] * keep_mask
+        dy = torch.empty(B, h, S, d, dtype=dtype, device=device)
+        dy.copy_(dy_merged.view(B, S, h, d).transpose(1, 2))
+        dy = dy.view(BH, S, d)
+        vT = v.transpose(1, 2).contiguous()
+        c = w / norm.clamp_min(1e-12)  # (BH, S, 1)
+        # dn / n where n > 1e-12 (else the clamp holds c fixed): dn = -w dc / n², so coef = -w dc / n³
+        coef_scale = (-w / norm.pow(3)).masked_fill_(norm <= 1e-12, 0.0)
+        # sums over query rows accumulate transposed, (BH, ., S), so that each GEMM reads its block as it lies
+        dvT = torch.empty(BH, d, S, dtype=dtype, device=device)
+        dkT = torch.empty(BH, d, S, dtype=dtype, device=device)  # k as key in q kᵀ
+        dq_keyT = torch.empty(BH, d, S, dtype=dtype, device=device)  # q as key in F = R qᵀ
+        dq = torch.empty(BH, S, d, dtype=dtype, device=device)
+        dR = torch.empty(BH, S, d, dtype=dtype, device=device)
+        dc = torch.empty(BH, S, 1, dtype=dtype, device=device)
+        work = torch.empty(2, _block_numel(ctx.blocks, S), dtype=dtype, device=device)
+        for (g, r), p, f in zip(ctx.blocks, probs, fracs):
+            dscores = torch.bmm(dy[g, r], vT[g], out=_view(work[0], p.shape))  # d probs
+            torch.ops.aten._softmax_backward_data.out(dscores, p, -1, p.dtype, grad_input=dscores)  # in place
+            dc_block = torch.linalg.vecdot(dscores, f).unsqueeze_(-1)  # (heads, rows, 1)
+            dc[g, r] = dc_block
+            dF = torch.mul(dscores, c[g, r], out=_view(work[1], p.shape))
+            dF.addcmul_(f, dc_block * coef_scale[g, r])
+            if r.start == 0:  # first block of these heads: write, later blocks accumulate
+                torch.bmm(dy[g, r].transpose(1, 2), p, out=dvT[g])
+                torch.bmm(q[g, r].transpose(1, 2), dscores, out=dkT[g])
+                torch.bmm(R[g, r].transpose(1, 2), dF, out=dq_keyT[g])
+            else:
+                dvT[g].baddbmm_(dy[g, r].transpose(1, 2), p)
+                dkT[g].baddbmm_(q[g, r].transpose(1, 2), dscores)
+                dq_keyT[g].baddbmm_(R[g, r].transpose(1, 2), dF)
+            torch.bmm(dscores, k[g], out=dq[g, r])
+            torch.bmm(dF, q[g], out=dR[g, r])
+        del work
+        dw = (dc / norm.clamp_min(1e-12)).sum().reshape(w.shape)
+        dM = q.transpose(1, 2) @ dR  # R = q M
+        dq.add_(dq_keyT.transpose(1, 2)).baddbmm_(dR, M)
+        dk = dkT.transpose(1, 2).baddbmm(k, dM + dM.transpose(1, 2))  # M = Σ k kᵀ
+        if real is not None:  # q, k were zeroed at padded rows
+            m = real[:, :, None].to(dtype)
+            dq.mul_(m)
+            dk = dk * m
+        dprojected = torch.empty(B, S, 3 * H + 3 * ds, dtype=dtype, device=device)
+        for i, grad in enumerate((dq, dk, dvT.transpose(1, 2))):
+            dprojected[..., i * H:(i + 1) * H].view(B, S, h, d).copy_(grad.view(B, h, S, d).transpose(1, 2))
+        # spectral path: out = g² vs with g = sigmoid(s); d out/d s = 2 g · g (1 - g)
+        dsy = dmerged[..., H:]
+        sp = gate * gate
+        dvs = sp.transpose(1, 2) @ dsy
+        if real is not None:
+            dvs.mul_(real.view(B, h, S)[:, 0, :, None].to(dtype))
+        dlogits = (dsy @ vs.transpose(1, 2)).mul_(sp)
+        dlogits.addcmul_(dlogits, gate, value=-1.0)  # ⊙ (1 - g); the factor 2 goes on the results below
+        scale = 2.0 * ds ** -0.5
+        dprojected[..., 3 * H:3 * H + ds] = torch.bmm(dlogits, ks).mul_(scale)
+        dprojected[..., 3 * H + ds:3 * H + 2 * ds] = torch.bmm(dlogits.transpose(1, 2), qs).mul_(2.0)
+        dprojected[..., 3 * H + 2 * ds:] = dvs
+        return dprojected, dw, None, None, None, None
 
 
 def _block_numel(blocks, S: int) -> int:
@@ -396,19 +431,19 @@ class SpectralEntropyAttention(nn.Module):
         """(B, S, 3H [+ 3ds]) projections -> (B, S, H [+ ds]): merged heads [y, sy] before the output GEMM."""
         B, S, _ = projected.shape
         H = self.q.in_features
-        widths = [3 * H] + ([self.sq.out_features] * 3 if self.use_spectral else [])
-        qkv, *spectral_qkv = projected.split(widths, dim=-1)  # one split: its backward is one cat
         if not self.use_spectral:
-            y = softmax_attention(*self._heads(qkv), key_mask)  # (B, h, S, d)
+            y = softmax_attention(*self._heads(projected), key_mask)  # (B, h, S, d)
             return self.dropout(y.transpose(1, 2).reshape(B, S, H))
         if (self.fractal_weights.shape[0] == 1 and projected.device.type == "cpu"
                 and projected.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
                 and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
-            y = _FractalSoftmaxAttention.apply(qkv, self.fractal_weights[0], key_mask, self.num_heads)  # (B, h, S, d)
-        else:
-            q, k, v = self._heads(qkv)
-            q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
-            y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
+            dropout_p = self.dropout.p if self.training else 0.0
+            return _FusedSpectralEntropyAttention.apply(projected, self.fractal_weights[0], key_mask, self.num_heads,
+                                                        self.sq.out_features, dropout_p)  # (B, S, H + ds)
+        qkv, *spectral_qkv = projected.split([3 * H] + [self.sq.out_features] * 3, dim=-1)  # its backward: one cat
+        q, k, v = self._heads(qkv)
+        q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)
+        y = softmax_attention(q, k, v, key_mask)  # (B, h, S, d)
         sy = spectral_attention(*spectral_qkv, key_mask, self.spectral_chunk_size)  # (B, S, ds)
         return torch.cat([self.dropout(y.transpose(1, 2).reshape(B, S, H)), sy], dim=-1)  # (B, S, H + ds)
 

@@ -58,7 +58,7 @@ def softmax_path(request, monkeypatch):
     the generic `fractal_augment` + `softmax_attention` with materialised (S, S) scores or with the fused
     SDPA kernel and V zero-padded (the GPU path)."""
     if request.param == "cpu-fused-blocked":
-        monkeypatch.setattr(attention_module._FractalSoftmaxAttention, "BLOCK_FLOATS", 16)
+        monkeypatch.setattr(attention_module._FusedSpectralEntropyAttention, "BLOCK_FLOATS", 16)
     if request.param in ("materialized", "sdpa"):
         monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 0)
     if request.param == "sdpa":
@@ -337,22 +337,24 @@ def test_fractal_step_backward_passes_gradcheck():
 
 @pytest.mark.parametrize("block_floats", [1 << 20, 8])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_fractal_softmax_attention_passes_gradcheck(masked, block_floats, monkeypatch):
-    """The hand-written forward/backward of the fused CPU path (depth 1) against finite differences."""
-    from nsa_lib.attention import _FractalSoftmaxAttention
+def test_fused_cpu_attention_passes_gradcheck(masked, block_floats, monkeypatch):
+    """The hand-written forward/backward of the fused CPU path (depth 1, spectral path included) against
+    finite differences, in one block and in blocks of (1 head, 1 row)."""
+    from nsa_lib.attention import _FusedSpectralEntropyAttention
 
-    monkeypatch.setattr(_FractalSoftmaxAttention, "BLOCK_FLOATS", block_floats)  # 8: blocks of (1 head, 1 row)
+    monkeypatch.setattr(_FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)
     g = torch.Generator().manual_seed(6)
-    heads, d = 2, 3
-    qkv = torch.randn(2, 5, 3 * heads * d, generator=g, dtype=torch.float64, requires_grad=True)  # (B, S, 3H)
+    heads, d, ds = 2, 3, 2
+    width = 3 * heads * d + 3 * ds
+    projected = torch.randn(2, 5, width, generator=g, dtype=torch.float64, requires_grad=True)  # (B, S, 3H + 3ds)
     w = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if masked else None
-    real_rows = torch.ones(2, 1, 5, 1, dtype=torch.float64) if mask is None else mask[:, None, :, None].double()
+    real_rows = torch.ones(2, 5, 1, dtype=torch.float64) if mask is None else mask[:, :, None].double()
 
-    def f(qkv, w):  # padded query rows are unspecified: compare real rows only
-        return _FractalSoftmaxAttention.apply(qkv, w, mask, heads) * real_rows
+    def f(projected, w):  # padded query rows are unspecified: compare real rows only
+        return _FusedSpectralEntropyAttention.apply(projected, w, mask, heads, ds, 0.0) * real_rows
 
-    assert torch.autograd.gradcheck(f, (qkv, w))
+    assert torch.autograd.gradcheck(f, (projected, w))
 
 
 @pytest.mark.parametrize("use_spectral", [True, False])
