@@ -33,6 +33,8 @@ Not handled here: causal masking, key/value caching, cross-attention.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,183 +103,205 @@ def fractal_augment(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | N
     return q.to(out_dtype), k.to(out_dtype)
 
 
-def _blocks(BH: int, S: int, budget: int) -> list[tuple[slice, slice]]:
-    """(heads, queries) blocks whose (S, S)-row slice of scores holds about `budget` floats."""
-    rows = max(1, min(S, budget // S))  # query rows of one head per block
-    heads = max(1, min(BH, budget // (rows * S)))
-    return [(slice(g, g + heads), slice(r, r + rows)) for g in range(0, BH, heads) for r in range(0, S, rows)]
+def _head_blocks(BH: int, S: int, budget: int) -> list[slice]:
+    """Groups of heads whose (S, S) scores hold about `budget` floats (at least one head each)."""
+    heads = max(1, min(BH, budget // (S * S)))
+    return [slice(g, min(g + heads, BH)) for g in range(0, BH, heads)]
 
 
 class _FusedSpectralEntropyAttention(torch.autograd.Function):
-    """The whole attention core of the block for fractal_depth 1 on a CPU (fp32/fp64), fused by hand:
-    projections in, merged heads [dropout(y), sy] out, ready for the output GEMM.
+    """The attention sub-block up to its output GEMM, for fractal_depth 1 on a CPU (fp32/fp64), fused by
+    hand: hidden states in, merged heads [dropout(y), sy] out.
 
-    The same function as `fractal_augment` + `softmax_attention` + `spectral_attention`, computed in the
-    form that is cheapest where (S, S) tensors sit in cache. Per head, with q, k zeroed at padded rows:
+    The same function as the generic path (`F.linear`, `fractal_augment`, `softmax_attention`,
+    `spectral_attention`), computed in the form that is cheapest where (S, S) tensors sit in cache. Per
+    head, with q, k zeroed at padded rows (so every Gram sum runs over real tokens only):
 
-        M = kᵀk,  R = q M,  F = R qᵀ          F = P restricted to real keys: row i of P is R_i · q_j
-        n_i = ‖F_i‖₂                          padded columns of F are already 0, so the norm is over real j
-        scores = q kᵀ + (w / max(n, 1e-12)) ⊙ F,  masked keys -inf,  y = softmax(scores) v
+        M = kᵀk,  R = q M,  F = R qᵀ          F is P on real keys: P[i, j] = q_i M q_j (and zero at padded j)
+        n_i = ‖F_i‖₂,  c_i = w / max(n_i, 1e-12)
+        scores = q kᵀ + c ⊙ F,  masked keys -inf,  y = softmax(scores) v
 
-    F costs the same S²·d as the second half of the augmented-score GEMM, and reading its rows for n is
-    cheaper than the Gram route (G = qᵀq, R G: two more S·d² products forward, two backward). Backward:
-    dF = c ⊙ dscores + (dn / n) ⊙ F with dn_i = -w dc_i / n_i², dc_i = Σ_j dscores_ij F_ij; then
-    dR = dF q, d(q as key) = dFᵀ R, and M's chain (3 S·d² products). The spectral path,
-    sy = sigmoid(qs ksᵀ/√ds)² (vs ⊙ m), and dropout on y run inside too, so the gradient of the projections
-    comes back as one (B, S, 3H + 3ds) tensor with no split/cat copies.
+    F costs the S²·d of the second half of the augmented-score GEMM, and reading its rows for n is
+    cheaper than the Gram route (G = qᵀq, R G). Backward, with dc_i = Σ_j dscores_ij F_ij:
+    dF = c ⊙ dscores - (w dc / n³) ⊙ F; F = q M qᵀ is symmetric in q, so q's two roles give
+    dq += (dF + dFᵀ) q M and k gets k (qᵀ (dF + dFᵀ) q): one S²·d product, not two.
 
-    Long sequences run in blocks of (heads, query rows) of about BLOCK_FLOATS scores each, which stay in
-    cache; F and the probabilities are kept for the backward pass (no recomputation), which is why this
-    path is bounded by CPU_FUSED_MAX_SCORES. Padded query rows are unspecified (they attend as q = 0).
-    projected: (B, S, 3H + 3ds) with the softmax scale folded into q; w: 0-dim; key_mask: (B, S) bool or
-    None; dropout_p: the probability applied to y (0 outside training). Returns (B, S, H + ds).
+    Why it owns the input projection: its (B·S, 3H + 3ds) output and gradient are scratch here, kept in
+    a per-thread workspace (`_workspace`). Returned or freshly allocated each call, these few MiB are
+    given back to the OS by malloc and page-faulted in again, which on a CPU costs as much as the softmax.
+    With `token_index` (the real-token rows of a padded (B, S) batch, see TokenLayout) x holds real
+    tokens only and the projection GEMMs run on those rows.
+
+    Heads run in groups of about BLOCK_FLOATS scores, which stay in cache; F and the probabilities are
+    kept for the backward pass (no recomputation), which is why this path is bounded by
+    CPU_FUSED_MAX_SCORES. Padded query rows are unspecified (they attend with q = 0).
+    x: (B, S, H), or (T, H) with token_index (T,); weight, bias: the stacked projection (q rows carrying
+    the softmax scale); w: 0-dim fractal weight; key_mask: (B, S) bool or None; dropout_p: applied to y
+    (0 outside training). Returns (B, S, H + ds).
     """
 
-    BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per block
+    BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per group of heads
 
     @staticmethod
-    def forward(ctx, projected, w, key_mask, num_heads, spectral_dim, dropout_p):
-        B, S, width = projected.shape
-        ds, h = spectral_dim, num_heads
+    def forward(ctx, x, weight, bias, w, key_mask, token_index, num_heads, spectral_dim, dropout_p):
+        B, S = key_mask.shape if key_mask is not None else x.shape[:2]
+        width, ds, h = weight.shape[0], spectral_dim, num_heads
         H = (width - 3 * ds) // 3
         d, BH = H // h, B * h
-        dtype, device = projected.dtype, projected.device
-        # one copy from the projection's (B, S, 3, h, d) layout to head-major q, k, v (BH, S, d) each
+        dtype, device = x.dtype, x.device
+        projected = _workspace("projection", B * S * width, dtype, device).view(B * S, width)
+        if token_index is None:
+            torch.addmm(bias, x.reshape(B * S, -1), weight.t(), out=projected)
+        else:  # padded rows zero: finite, and q, k, vs must vanish there
+            tokens = _workspace("tokens", token_index.numel() * width, dtype, device).view(-1, width)
+            projected.zero_().index_copy_(0, token_index, torch.addmm(bias, x, weight.t(), out=tokens))
+        projected = projected.view(B, S, width)
+        # copies out of the workspace: q, k, v head-major (BH, S, d), and the spectral qs (scaled), ks, vs
         qkv = torch.empty(3, B, h, S, d, dtype=dtype, device=device)
         qkv.copy_(projected[..., :3 * H].unflatten(-1, (3, h, d)).permute(2, 0, 3, 1, 4))
         q, k, v = qkv.view(3, BH, S, d).unbind(0)
-        qs, ks, vs = projected[..., 3 * H:].split(ds, dim=-1)  # (B, S, ds) views
-        qs = qs * ds ** -0.5
-        if key_mask is None:
-            real, bias = None, None
-            vs = vs.contiguous()
-        else:
+        spectral = torch.empty(3, B, S, ds, dtype=dtype, device=device)
+        spectral.copy_(projected[..., 3 * H:].unflatten(-1, (3, ds)).permute(2, 0, 1, 3))
+        qs, ks, vs = spectral.unbind(0)
+        qs.mul_(ds ** -0.5)
+        real = bias_inf = None
+        if key_mask is not None:
             real = key_mask.repeat_interleave(h, dim=0)  # (BH, S)
-            m = real[:, :, None].to(dtype)
-            q.mul_(m)  # padded rows of q, k zero: the Gram sums below then run over real tokens only
-            k.mul_(m)
-            bias = torch.zeros(BH, 1, S, dtype=dtype, device=device).masked_fill_(~real[:, None, :], float("-inf"))
-            vs = vs * key_mask[:, :, None].to(dtype)  # masked keys contribute nothing to the spectral path
-        M = k.transpose(1, 2) @ k  # (BH, d, d) = Σ_real k kᵀ
-        R = q @ M  # (BH, S, d)
-        qT, kT = q.transpose(1, 2), k.transpose(1, 2)  # (BH, d, S) views
-        blocks = _blocks(BH, S, _FusedSpectralEntropyAttention.BLOCK_FLOATS)
+            bias_inf = torch.zeros(BH, 1, S, dtype=dtype, device=device).masked_fill_(~real[:, None, :], float("-inf"))
+            q.mul_(real[:, :, None])
+            k.mul_(real[:, :, None])
+            vs.mul_(key_mask[:, :, None])  # masked keys contribute nothing to the spectral path
+        M = torch.bmm(k.transpose(1, 2), k)  # (BH, d, d) = Σ_real k kᵀ
+        R = torch.bmm(q, M)  # (BH, S, d)
+        blocks = _head_blocks(BH, S, _FusedSpectralEntropyAttention.BLOCK_FLOATS)
         keep = any(ctx.needs_input_grad)
-        if not keep:
-            work = torch.empty(2, _block_numel(blocks, S), dtype=dtype, device=device)
-        # F and the probabilities, one tensor per block (for the backward pass): each stays under the size
-        # at which glibc's malloc maps fresh pages (and page-faults them in) on every call
+        # F and the probabilities, one tensor per group of heads when kept for the backward pass
         fracs, probs = [], []
         norm = torch.empty(BH, S, 1, dtype=dtype, device=device)
-        y = torch.empty(BH, S, d, dtype=dtype, device=device)
-        for g, r in blocks:
-            shape = q[g, r].shape[:2] + (S,)  # (heads, rows, S)
-            f = torch.empty(shape, dtype=dtype, device=device) if keep else _view(work[0], shape)
-            p = torch.empty(shape, dtype=dtype, device=device) if keep else _view(work[1], shape)
+        y = _workspace("heads", BH * S * d, dtype, device).view(BH, S, d)  # copied into `merged` below
+        if not keep:
+            work = _workspace("scores", 2 * _block_numel(blocks, S), dtype, device).view(2, -1)
+        for g in blocks:
+            shape = (g.stop - g.start, S, S)
+            f_numel = shape[0] * S * S
+            f = torch.empty(shape, dtype=dtype, device=device) if keep else work[0, :f_numel].view(shape)
+            p = torch.empty(shape, dtype=dtype, device=device) if keep else work[1, :f_numel].view(shape)
             fracs.append(f)
             probs.append(p)
-            torch.bmm(R[g, r], qT[g], out=f)  # (heads, rows, S): F
-            n = torch.linalg.vector_norm(f, dim=-1, keepdim=True)  # (heads, rows, 1)
-            norm[g, r] = n
-            c = w / n.clamp_min_(1e-12)
-            if bias is None:
+            torch.bmm(R[g], q[g].transpose(1, 2), out=f)  # (heads, S, S): F
+            n = torch.linalg.vector_norm(f, dim=-1, keepdim=True, out=norm[g])  # (heads, S, 1)
+            c = w / n.clamp_min(1e-12)
+            if real is None:
                 torch.mul(f, c, out=p)
-            else:
-                torch.addcmul(bias[g], f, c, out=p)
-            p.baddbmm_(q[g, r], kT[g])  # scores
+            else:  # masked keys -inf
+                torch.addcmul(bias_inf[g], f, c, out=p)
+            p.baddbmm_(q[g], k[g].transpose(1, 2))  # scores
             torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place (the kernel reads a row before writing it)
-            torch.bmm(p, v[g], out=y[g, r])
-        gate = torch.sigmoid_(qs @ ks.transpose(1, 2))  # (B, S, S) spectral map g
+            torch.bmm(p, v[g], out=y[g])
+        gate = torch.sigmoid_(torch.bmm(qs, ks.transpose(1, 2)))  # (B, S, S) spectral map
         merged = torch.empty(B, S, H + ds, dtype=dtype, device=device)
         merged[..., :H].view(B, S, h, d).copy_(y.view(B, h, S, d).transpose(1, 2))
-        merged[..., H:] = (gate * gate) @ vs
+        gate_sq = torch.mul(gate, gate, out=_workspace("spectral", gate.numel(), dtype, device).view(gate.shape))
+        merged[..., H:] = torch.bmm(gate_sq, vs)
         keep_mask = None
         if dropout_p > 0:
             keep_mask = torch.empty(B, S, H, dtype=dtype, device=device).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
             merged[..., :H].mul_(keep_mask)
         if keep:
-            ctx.save_for_backward(q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *fracs, *probs)
-            ctx.blocks, ctx.num_heads = blocks, h
+            ctx.save_for_backward(x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real,
+                                  *fracs, *probs)
+            ctx.blocks, ctx.num_heads, ctx.batch_seq = blocks, h, (B, S)
         return merged
 
     @staticmethod
     def backward(ctx, dmerged):
-        q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *kept = ctx.saved_tensors
+        x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *kept = ctx.saved_tensors
         fracs, probs = kept[:len(ctx.blocks)], kept[len(ctx.blocks):]
-        BH, S, d = q.shape
-        B, h, ds = dmerged.shape[0], ctx.num_heads, qs.shape[-1]
-        H = h * d
+        (B, S), h = ctx.batch_seq, ctx.num_heads
+        BH, _, d = q.shape
+        H, ds, width = h * d, qs.shape[-1], weight.shape[0]
         dtype, device = q.dtype, q.device
-        dy_merged = dmerged[..., :H] if keep_mask is None else dmerged[..., :H] * keep_mask
-        dy = torch.empty(B, h, S, d, dtype=dtype, device=device)
-        dy.copy_(dy_merged.view(B, S, h, d).transpose(1, 2))
+        # dy and the gradients of q, k, v and (dF + dFᵀ) q, all scratch: copied into dprojected below
+        dy, dq, dk, dv, dF_q = _workspace("heads", 5 * BH * S * d, dtype, device).view(5, BH, S, d).unbind(0)
+        dy = dy.view(B, h, S, d)
+        dy_heads = dmerged[..., :H].view(B, S, h, d).transpose(1, 2)  # (B, h, S, d) view
+        if keep_mask is None:
+            dy.copy_(dy_heads)
+        else:
+            torch.mul(dy_heads, keep_mask.view(B, S, h, d).transpose(1, 2), out=dy)
         dy = dy.view(BH, S, d)
-        vT = v.transpose(1, 2).contiguous()
         c = w / norm.clamp_min(1e-12)  # (BH, S, 1)
-        # dn / n where n > 1e-12 (else the clamp holds c fixed): dn = -w dc / n², so coef = -w dc / n³
+        # dn / n where n > 1e-12 (else the clamp holds c fixed): dn = -w dc / n², so dF gets -w dc / n³ ⊙ F
         coef_scale = (-w / norm.pow(3)).masked_fill_(norm <= 1e-12, 0.0)
-        # sums over query rows accumulate transposed, (BH, ., S), so that each GEMM reads its block as it lies
-        dvT = torch.empty(BH, d, S, dtype=dtype, device=device)
-        dkT = torch.empty(BH, d, S, dtype=dtype, device=device)  # k as key in q kᵀ
-        dq_keyT = torch.empty(BH, d, S, dtype=dtype, device=device)  # q as key in F = R qᵀ
-        dq = torch.empty(BH, S, d, dtype=dtype, device=device)
-        dR = torch.empty(BH, S, d, dtype=dtype, device=device)
         dc = torch.empty(BH, S, 1, dtype=dtype, device=device)
-        work = torch.empty(2, _block_numel(ctx.blocks, S), dtype=dtype, device=device)
-        for (g, r), p, f in zip(ctx.blocks, probs, fracs):
-            dscores = torch.bmm(dy[g, r], vT[g], out=_view(work[0], p.shape))  # d probs
+        work = _workspace("scores", 2 * _block_numel(ctx.blocks, S), dtype, device).view(2, -1)
+        for g, p, f in zip(ctx.blocks, probs, fracs):
+            dscores = torch.bmm(dy[g], v[g].transpose(1, 2), out=work[0, :p.numel()].view(p.shape))  # d probs
             torch.ops.aten._softmax_backward_data.out(dscores, p, -1, p.dtype, grad_input=dscores)  # in place
-            dc_block = torch.linalg.vecdot(dscores, f).unsqueeze_(-1)  # (heads, rows, 1)
-            dc[g, r] = dc_block
-            dF = torch.mul(dscores, c[g, r], out=_view(work[1], p.shape))
-            dF.addcmul_(f, dc_block * coef_scale[g, r])
-            if r.start == 0:  # first block of these heads: write, later blocks accumulate
-                torch.bmm(dy[g, r].transpose(1, 2), p, out=dvT[g])
-                torch.bmm(q[g, r].transpose(1, 2), dscores, out=dkT[g])
-                torch.bmm(R[g, r].transpose(1, 2), dF, out=dq_keyT[g])
-            else:
-                dvT[g].baddbmm_(dy[g, r].transpose(1, 2), p)
-                dkT[g].baddbmm_(q[g, r].transpose(1, 2), dscores)
-                dq_keyT[g].baddbmm_(R[g, r].transpose(1, 2), dF)
-            torch.bmm(dscores, k[g], out=dq[g, r])
-            torch.bmm(dF, q[g], out=dR[g, r])
-        del work
+            torch.bmm(p.transpose(1, 2), dy[g], out=dv[g])
+            torch.bmm(dscores.transpose(1, 2), q[g], out=dk[g])  # k as key
+            torch.bmm(dscores, k[g], out=dq[g])  # q as query
+            dF = work[1, :p.numel()].view(p.shape)  # first the product for dc, then dF itself
+            torch.sum(torch.mul(dscores, f, out=dF), dim=-1, keepdim=True, out=dc[g])
+            torch.mul(dscores, c[g], out=dF).addcmul_(f, dc[g] * coef_scale[g])
+            torch.bmm(dF, q[g], out=dF_q[g]).baddbmm_(dF.transpose(1, 2), q[g])  # (dF + dFᵀ) q
         dw = (dc / norm.clamp_min(1e-12)).sum().reshape(w.shape)
-        dM = q.transpose(1, 2) @ dR  # R = q M
-        dq.add_(dq_keyT.transpose(1, 2)).baddbmm_(dR, M)
-        dk = dkT.transpose(1, 2).baddbmm(k, dM + dM.transpose(1, 2))  # M = Σ k kᵀ
-        if real is not None:  # q, k were zeroed at padded rows
-            m = real[:, :, None].to(dtype)
-            dq.mul_(m)
-            dk = dk * m
-        dprojected = torch.empty(B, S, 3 * H + 3 * ds, dtype=dtype, device=device)
-        for i, grad in enumerate((dq, dk, dvT.transpose(1, 2))):
+        dq.baddbmm_(dF_q, M)  # F = q M qᵀ: both roles of q
+        dk.baddbmm_(k, torch.bmm(q.transpose(1, 2), dF_q))  # M = Σ k kᵀ, dM + dMᵀ = qᵀ (dF + dFᵀ) q
+        if real is not None:  # q, k were zeroed at padded rows, so are their gradients
+            dq.mul_(real[:, :, None])
+            dk.mul_(real[:, :, None])
+        # the gradient of the projection, in its (B, S, 3, h, d) + (B, S, 3, ds) layout, in the workspace
+        dprojected = _workspace("projection", B * S * width, dtype, device).view(B, S, width)
+        for i, grad in enumerate((dq, dk, dv)):
             dprojected[..., i * H:(i + 1) * H].view(B, S, h, d).copy_(grad.view(B, h, S, d).transpose(1, 2))
         # spectral path: out = g² vs with g = sigmoid(s); d out/d s = 2 g · g (1 - g)
         dsy = dmerged[..., H:]
-        sp = gate * gate
-        dvs = sp.transpose(1, 2) @ dsy
+        spectral_work = _workspace("spectral", 2 * gate.numel(), dtype, device).view(2, *gate.shape)
+        sp = torch.mul(gate, gate, out=spectral_work[0])
+        dqs, dks, dvs = dprojected[..., 3 * H:].split(ds, dim=-1)
+        dvs_real = torch.bmm(sp.transpose(1, 2), dsy)
         if real is not None:
-            dvs.mul_(real.view(B, h, S)[:, 0, :, None].to(dtype))
-        dlogits = (dsy @ vs.transpose(1, 2)).mul_(sp)
+            dvs_real.mul_(real.view(B, h, S)[:, 0, :, None])  # vs was masked
+        dvs.copy_(dvs_real)
+        dlogits = torch.bmm(dsy, vs.transpose(1, 2), out=spectral_work[1]).mul_(sp)
         dlogits.addcmul_(dlogits, gate, value=-1.0)  # ⊙ (1 - g); the factor 2 goes on the results below
-        scale = 2.0 * ds ** -0.5
-        dprojected[..., 3 * H:3 * H + ds] = torch.bmm(dlogits, ks).mul_(scale)
-        dprojected[..., 3 * H + ds:3 * H + 2 * ds] = torch.bmm(dlogits.transpose(1, 2), qs).mul_(2.0)
-        dprojected[..., 3 * H + 2 * ds:] = dvs
-        return dprojected, dw, None, None, None, None
+        torch.mul(torch.bmm(dlogits, ks), 2.0 * ds ** -0.5, out=dqs)
+        torch.mul(torch.bmm(dlogits.transpose(1, 2), qs), 2.0, out=dks)
+        # the projection GEMM's backward
+        dprojected = dprojected.view(B * S, width)
+        if token_index is not None:
+            tokens = _workspace("tokens", token_index.numel() * width, dtype, device).view(-1, width)
+            dprojected = torch.index_select(dprojected, 0, token_index, out=tokens)
+        x2 = x.reshape(dprojected.shape[0], -1)
+        dx = (dprojected @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dweight = dprojected.t() @ x2 if ctx.needs_input_grad[1] else None
+        dbias = dprojected.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, dw, None, None, None, None, None
 
 
-def _block_numel(blocks, S: int) -> int:
-    g, r = blocks[0]
-    return (g.stop - g.start) * (r.stop - r.start) * S
+def _block_numel(blocks: list[slice], S: int) -> int:
+    return max(g.stop - g.start for g in blocks) * S * S
 
 
-def _view(buffer: torch.Tensor, shape) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    return buffer[:n].view(*shape)
+_workspaces = threading.local()
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scratch buffer `name` of `numel` elements, kept per thread, dtype and device between calls.
+
+    For scratch of a few MiB per call (projections, blocks of scores): a fresh allocation that size is
+    handed back to the OS by glibc's malloc when freed and page-faulted in again on the next call, which
+    costs as much as the arithmetic on a CPU. Holds nothing across calls: never saved, never returned.
+    """
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    key = (name, dtype, device)
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 # CPU dispatch, measured with bench/attention.py: the hand-fused depth-1 path while the kept softmax
@@ -417,29 +441,34 @@ class SpectralEntropyAttention(nn.Module):
             if attention_mask.shape != (B, S):
                 raise ValueError(f"attention_mask must be (batch, seq) = {(B, S)}, got {tuple(attention_mask.shape)}")
             key_mask = attention_mask.bool()
-        projected = F.linear(x, *self._input_projection())  # (B, S, 3H [+ 3ds])
-        return self.ln(x + self._output(self._attend(projected, key_mask)))
+        return self.ln(x + self._output(self._attend(x, key_mask)))
 
     def forward_tokens(self, x: torch.Tensor, layout: "TokenLayout") -> torch.Tensor:
         """The same block on the real tokens only: x (T, H) are the rows `layout.index` of a padded (B, S)
         batch. The per-token GEMMs run on T rows instead of B·S; only the attention core sees the padded
         layout (padded rows zero, masked as keys, dropped as queries)."""
-        projected = layout.pad(F.linear(x, *self._input_projection()))  # (B, S, 3H [+ 3ds])
-        return self.ln(x + self._output(layout.unpad(self._attend(projected, layout.mask))))
+        return self.ln(x + self._output(layout.unpad(self._attend(x, layout.mask, layout))))
 
-    def _attend(self, projected: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, S, 3H [+ 3ds]) projections -> (B, S, H [+ ds]): merged heads [y, sy] before the output GEMM."""
-        B, S, _ = projected.shape
+    def _attend(self, x: torch.Tensor, key_mask: torch.Tensor | None,
+                layout: "TokenLayout | None" = None) -> torch.Tensor:
+        """Hidden states, (B, S, H) or the real tokens of `layout` (T, H) -> (B, S, H [+ ds]): merged heads
+        [y, sy] before the output GEMM."""
+        B, S = layout.shape if layout is not None else x.shape[:2]
         H = self.q.in_features
+        weight, bias = self._input_projection()
+        if (self.use_spectral and self.fractal_weights.shape[0] == 1 and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+                and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
+            dropout_p = self.dropout.p if self.training else 0.0
+            return _FusedSpectralEntropyAttention.apply(
+                x, weight, bias, self.fractal_weights[0], key_mask, None if layout is None else layout.index,
+                self.num_heads, self.sq.out_features, dropout_p)  # (B, S, H + ds)
+        projected = F.linear(x, weight, bias)  # (B, S, 3H [+ 3ds]) or (T, ...)
+        if layout is not None:
+            projected = layout.pad(projected)
         if not self.use_spectral:
             y = softmax_attention(*self._heads(projected), key_mask)  # (B, h, S, d)
             return self.dropout(y.transpose(1, 2).reshape(B, S, H))
-        if (self.fractal_weights.shape[0] == 1 and projected.device.type == "cpu"
-                and projected.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
-                and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES):
-            dropout_p = self.dropout.p if self.training else 0.0
-            return _FusedSpectralEntropyAttention.apply(projected, self.fractal_weights[0], key_mask, self.num_heads,
-                                                        self.sq.out_features, dropout_p)  # (B, S, H + ds)
         qkv, *spectral_qkv = projected.split([3 * H] + [self.sq.out_features] * 3, dim=-1)  # its backward: one cat
         q, k, v = self._heads(qkv)
         q, k = fractal_augment(q, k, key_mask, self.fractal_weights)  # (B, h, S, 2^t d)

@@ -336,25 +336,31 @@ def test_fractal_step_backward_passes_gradcheck():
 
 
 @pytest.mark.parametrize("block_floats", [1 << 20, 8])
-@pytest.mark.parametrize("masked", [False, True])
-def test_fused_cpu_attention_passes_gradcheck(masked, block_floats, monkeypatch):
-    """The hand-written forward/backward of the fused CPU path (depth 1, spectral path included) against
-    finite differences, in one block and in blocks of (1 head, 1 row)."""
-    from nsa_lib.attention import _FusedSpectralEntropyAttention
+@pytest.mark.parametrize("inputs", ["whole", "masked", "tokens"])
+def test_fused_cpu_attention_passes_gradcheck(inputs, block_floats, monkeypatch):
+    """The hand-written forward/backward of the fused CPU path (depth 1: projection, fractal softmax
+    attention, spectral path) against finite differences; in one group of heads and one head at a time;
+    on a padded batch and on its real tokens only."""
+    from nsa_lib.attention import TokenLayout, _FusedSpectralEntropyAttention
 
-    monkeypatch.setattr(_FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)
+    monkeypatch.setattr(_FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)  # 8: one head per group
     g = torch.Generator().manual_seed(6)
-    heads, d, ds = 2, 3, 2
+    heads, d, ds, hidden = 2, 3, 2, 4
     width = 3 * heads * d + 3 * ds
-    projected = torch.randn(2, 5, width, generator=g, dtype=torch.float64, requires_grad=True)  # (B, S, 3H + 3ds)
+    mask = None if inputs == "whole" else torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    layout = TokenLayout(mask) if inputs == "tokens" else None
+    x = torch.randn(2, 5, hidden, generator=g, dtype=torch.float64)
+    x = (layout.unpad(x) if layout else x).requires_grad_(True)  # (T, hidden) real tokens, or (B, S, hidden)
+    weight = torch.randn(width, hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(width, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if masked else None
     real_rows = torch.ones(2, 5, 1, dtype=torch.float64) if mask is None else mask[:, :, None].double()
 
-    def f(projected, w):  # padded query rows are unspecified: compare real rows only
-        return _FusedSpectralEntropyAttention.apply(projected, w, mask, heads, ds, 0.0) * real_rows
+    def f(x, weight, bias, w):  # padded query rows are unspecified: compare real rows only
+        out = _FusedSpectralEntropyAttention.apply(x, weight, bias, w, mask, layout and layout.index, heads, ds, 0.0)
+        return out * real_rows
 
-    assert torch.autograd.gradcheck(f, (projected, w))
+    assert torch.autograd.gradcheck(f, (x, weight, bias, w))
 
 
 @pytest.mark.parametrize("use_spectral", [True, False])
