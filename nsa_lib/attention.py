@@ -18,9 +18,10 @@ second step repeats this on the augmented pair (head dim 4d), and so on. The ide
 
 Two implementations of the same algebra:
 - `fractal_augment` + `softmax_attention`: any depth, any device, autocast; the GPU path.
-- `_FractalSoftmaxAttention`: depth 1 on a CPU in fp32/fp64, fused by hand (one GEMM for the scores,
-  no padded V, cache-sized blocks, a written-out backward); 1.5-1.7x a plain attention block where the
-  generic path costs ~2x (bench/attention.py).
+- `_FusedSpectralEntropyAttention`: depth 1 on a CPU in fp32/fp64, the whole sub-block up to its output
+  GEMM fused by hand (the fractal norms read off F = R Qᵀ, groups of heads that stay in cache, scratch in
+  reused workspaces, a written-out backward); about 1.5x a plain attention block at S = 64-512, where
+  the generic path costs ~2x (bench/attention.py).
 
 The spectral path is one sigmoid "head" of width ds: sy = st(sigmoid(qs ksᵀ/√ds)² · vs), masked keys
 contributing nothing. It is O(S² ds); for long sequences it runs in query chunks (recomputed in the
@@ -123,8 +124,8 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
 
     F costs the S²·d of the second half of the augmented-score GEMM, and reading its rows for n is
     cheaper than the Gram route (G = qᵀq, R G). Backward, with dc_i = Σ_j dscores_ij F_ij:
-    dF = c ⊙ dscores - (w dc / n³) ⊙ F; F = q M qᵀ is symmetric in q, so q's two roles give
-    dq += (dF + dFᵀ) q M and k gets k (qᵀ (dF + dFᵀ) q): one S²·d product, not two.
+    dF = c ⊙ dscores - (w dc / n³) ⊙ F; F = q M qᵀ uses q twice, so q gets (dF + dFᵀ) q M and k gets
+    k qᵀ (dF + dFᵀ) q; for short S, dF + dFᵀ is formed in cache and the product is one GEMM, not two.
 
     Why it owns the input projection: its (B·S, 3H + 3ds) output and gradient are scratch here, kept in
     a per-thread workspace (`_workspace`). Returned or freshly allocated each call, these few MiB are
@@ -141,6 +142,7 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
     """
 
     BLOCK_FLOATS = 1 << 20  # 4 MiB of fp32 scores per group of heads
+    SYMMETRIZE_MAX_LEN = 256  # (dF + dFᵀ) q as one GEMM up to this S (bench/attention.py)
 
     @staticmethod
     def forward(ctx, x, weight, bias, w, key_mask, token_index, num_heads, spectral_dim, dropout_p):
@@ -244,7 +246,10 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
             dF = work[1, :p.numel()].view(p.shape)  # first the product for dc, then dF itself
             torch.sum(torch.mul(dscores, f, out=dF), dim=-1, keepdim=True, out=dc[g])
             torch.mul(dscores, c[g], out=dF).addcmul_(f, dc[g] * coef_scale[g])
-            torch.bmm(dF, q[g], out=dF_q[g]).baddbmm_(dF.transpose(1, 2), q[g])  # (dF + dFᵀ) q
+            if S <= _FusedSpectralEntropyAttention.SYMMETRIZE_MAX_LEN:  # one GEMM on dF + dFᵀ
+                torch.bmm(torch.add(dF, dF.transpose(1, 2), out=dscores), q[g], out=dF_q[g])  # dscores is spent
+            else:  # the transposed read no longer stays in cache: two GEMMs
+                torch.bmm(dF, q[g], out=dF_q[g]).baddbmm_(dF.transpose(1, 2), q[g])
         dw = (dc / norm.clamp_min(1e-12)).sum().reshape(w.shape)
         dq.baddbmm_(dF_q, M)  # F = q M qᵀ: both roles of q
         dk.baddbmm_(k, torch.bmm(q.transpose(1, 2), dF_q))  # M = Σ k kᵀ, dM + dMᵀ = qᵀ (dF + dFᵀ) q
@@ -304,11 +309,11 @@ def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) 
     return buffer[:numel]
 
 
-# CPU dispatch, measured with bench/attention.py: the hand-fused depth-1 path while the kept softmax
-# probabilities (B·h·S² floats) stay under CPU_FUSED_MAX_SCORES; otherwise `fractal_augment` +
-# `softmax_attention`, which materialises the scores up to MATERIALIZED_SCORES_MAX_LEN and uses the
-# fused SDPA kernel beyond.
-CPU_FUSED_MAX_SCORES = 1 << 26
+# CPU dispatch, measured with bench/attention.py: the hand-fused depth-1 path while B·h·S² stays under
+# CPU_FUSED_MAX_SCORES (it keeps F and the probabilities, 2·B·h·S² floats: at most 256 MiB in fp32);
+# otherwise `fractal_augment` + `softmax_attention`, which materialises the scores up to
+# MATERIALIZED_SCORES_MAX_LEN and uses the fused SDPA kernel beyond.
+CPU_FUSED_MAX_SCORES = 1 << 25
 MATERIALIZED_SCORES_MAX_LEN = 256
 
 

@@ -335,15 +335,16 @@ def test_fractal_step_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_FractalStep.apply, (q, k, w))
 
 
-@pytest.mark.parametrize("block_floats", [1 << 20, 8])
+@pytest.mark.parametrize("block_floats, symmetrize_max_len", [(1 << 20, 256), (8, 256), (1 << 20, 0)])
 @pytest.mark.parametrize("inputs", ["whole", "masked", "tokens"])
-def test_fused_cpu_attention_passes_gradcheck(inputs, block_floats, monkeypatch):
+def test_fused_cpu_attention_passes_gradcheck(inputs, block_floats, symmetrize_max_len, monkeypatch):
     """The hand-written forward/backward of the fused CPU path (depth 1: projection, fractal softmax
     attention, spectral path) against finite differences; in one group of heads and one head at a time;
-    on a padded batch and on its real tokens only."""
+    with dF + dFᵀ formed or as two GEMMs; on a padded batch and on its real tokens only."""
     from nsa_lib.attention import TokenLayout, _FusedSpectralEntropyAttention
 
     monkeypatch.setattr(_FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)  # 8: one head per group
+    monkeypatch.setattr(_FusedSpectralEntropyAttention, "SYMMETRIZE_MAX_LEN", symmetrize_max_len)  # 0: two GEMMs
     g = torch.Generator().manual_seed(6)
     heads, d, ds, hidden = 2, 3, 2, 4
     width = 3 * heads * d + 3 * ds
@@ -382,3 +383,33 @@ def test_forward_tokens_equals_forward_on_real_tokens(softmax_path, use_spectral
     (token_out ** 2).sum().backward()
     assert (layout.unpad(x.grad) - tokens.grad).abs().max() <= 1e-10
     assert torch.equal(layout.pad(tokens)[mask.bool()], tokens)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fused_dropout_equals_module_dropout(tokens, monkeypatch):
+    """In training mode the fused CPU path applies dropout to y itself; with the same seed it must draw the
+    same mask as the generic path's nn.Dropout and give the same outputs and gradients."""
+    from nsa_lib.attention import TokenLayout
+
+    att = make_attention(dropout=0.3).train()
+    x, mask = make_inputs(LENGTHS)
+    layout = TokenLayout(mask)
+
+    def run(fused):
+        monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 1 << 26 if fused else 0)
+        att.zero_grad(set_to_none=True)
+        xi = (layout.unpad(x) if tokens else x).clone().requires_grad_(True)
+        torch.manual_seed(11)
+        out = att.forward_tokens(xi, layout) if tokens else att(xi, mask)
+        out = out if tokens else layout.unpad(out)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), xi.grad, {n: p.grad for n, p in att.named_parameters()}
+
+    fused, generic = run(True), run(False)
+    without_dropout = att.eval()(x, mask)
+    assert real_max_diff(layout.pad(fused[0]), without_dropout.detach(), mask) > 1e-2  # dropout did act
+    assert (fused[0] - generic[0]).abs().max() <= 1e-12
+    real = layout.unpad(torch.ones_like(x)).bool() if tokens else mask.bool()
+    assert (fused[1] - generic[1])[real].abs().max() <= 1e-10
+    for name, grad in generic[2].items():
+        assert (fused[2][name] - grad).abs().max() <= 1e-10, name
