@@ -290,6 +290,7 @@ def _block_numel(blocks: list[slice], S: int) -> int:
 
 
 _workspaces = threading.local()
+WORKSPACE_MAX_BYTES = 64 << 20  # per buffer; 5 names per thread and dtype
 
 
 def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -298,7 +299,11 @@ def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) 
     For scratch of a few MiB per call (projections, blocks of scores): a fresh allocation that size is
     handed back to the OS by glibc's malloc when freed and page-faulted in again on the next call, which
     costs as much as the arithmetic on a CPU. Holds nothing across calls: never saved, never returned.
+    Buffers over WORKSPACE_MAX_BYTES are allocated fresh, so that one large batch does not pin its
+    scratch for the life of the process.
     """
+    if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
     cache = getattr(_workspaces, "buffers", None)
     if cache is None:
         cache = _workspaces.buffers = {}

@@ -54,11 +54,13 @@ def real_max_diff(a, b, mask) -> float:
 
 @pytest.fixture(params=["cpu-fused", "cpu-fused-blocked", "materialized", "sdpa"])
 def softmax_path(request, monkeypatch):
-    """Every attention path: the hand-fused CPU function for depth 1 (one block, or many small blocks), and
-    the generic `fractal_augment` + `softmax_attention` with materialised (S, S) scores or with the fused
-    SDPA kernel and V zero-padded (the GPU path)."""
+    """Every attention path: the hand-fused CPU function for depth 1 (one group of heads, or one head at a
+    time with every scratch buffer allocated fresh), and the generic `fractal_augment` +
+    `softmax_attention` with materialised (S, S) scores or with the fused SDPA kernel and V zero-padded
+    (the GPU path)."""
     if request.param == "cpu-fused-blocked":
         monkeypatch.setattr(attention_module._FusedSpectralEntropyAttention, "BLOCK_FLOATS", 16)
+        monkeypatch.setattr(attention_module, "WORKSPACE_MAX_BYTES", 0)
     if request.param in ("materialized", "sdpa"):
         monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 0)
     if request.param == "sdpa":
@@ -413,3 +415,15 @@ def test_fused_dropout_equals_module_dropout(tokens, monkeypatch):
     assert (fused[1] - generic[1])[real].abs().max() <= 1e-10
     for name, grad in generic[2].items():
         assert (fused[2][name] - grad).abs().max() <= 1e-10, name
+
+
+def test_workspace_is_reused_below_its_cap_and_fresh_above(monkeypatch):
+    from nsa_lib.attention import _workspace
+
+    first = _workspace("test", 100, torch.float32, torch.device("cpu"))
+    again = _workspace("test", 50, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == first.data_ptr() and again.numel() == 50
+    other_dtype = _workspace("test", 50, torch.float64, torch.device("cpu"))
+    assert other_dtype.dtype == torch.float64 and other_dtype.data_ptr() != first.data_ptr()
+    monkeypatch.setattr(attention_module, "WORKSPACE_MAX_BYTES", 100)  # 100 floats = 400 bytes: over the cap
+    assert _workspace("test", 100, torch.float32, torch.device("cpu")).data_ptr() != first.data_ptr()
