@@ -61,6 +61,7 @@ def worker(rank: int, port: int, queue) -> None:
         loss = NSALoss(config)(*outs, temperature=0.05)
         loss.total.backward()
         queue.put((rank, loss.total.item(), gradients(outs)))
+        dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed the pair
     finally:
         dist.destroy_process_group()
 
