@@ -210,14 +210,14 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
             keep_mask = torch.empty(B, S, H, dtype=dtype, device=device).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
             merged[..., :H].mul_(keep_mask)
         if keep:
-            ctx.save_for_backward(x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real,
-                                  *fracs, *probs)
+            ctx.save_for_backward(x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask,
+                                  key_mask, *fracs, *probs)
             ctx.blocks, ctx.num_heads, ctx.batch_seq = blocks, h, (B, S)
         return merged
 
     @staticmethod
     def backward(ctx, dmerged):
-        x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, real, *kept = ctx.saved_tensors
+        x, weight, token_index, q, k, v, w, M, R, norm, qs, ks, vs, gate, keep_mask, key_mask, *kept = ctx.saved_tensors
         fracs, probs = kept[:len(ctx.blocks)], kept[len(ctx.blocks):]
         (B, S), h = ctx.batch_seq, ctx.num_heads
         BH, _, d = q.shape
@@ -232,7 +232,8 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
         else:
             torch.mul(dy_heads, keep_mask.view(B, S, h, d).transpose(1, 2), out=dy)
         dy = dy.view(BH, S, d)
-        c = w / norm.clamp_min(1e-12)  # (BH, S, 1)
+        inv_norm = norm.clamp_min(1e-12).reciprocal_()  # (BH, S, 1)
+        c = w * inv_norm
         # dn / n where n > 1e-12 (else the clamp holds c fixed): dn = -w dc / n², so dF gets -w dc / n³ ⊙ F
         coef_scale = (-w / norm.pow(3)).masked_fill_(norm <= 1e-12, 0.0)
         dc = torch.empty(BH, S, 1, dtype=dtype, device=device)
@@ -250,12 +251,13 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
                 torch.bmm(torch.add(dF, dF.transpose(1, 2), out=dscores), q[g], out=dF_q[g])  # dscores is spent
             else:  # the transposed read no longer stays in cache: two GEMMs
                 torch.bmm(dF, q[g], out=dF_q[g]).baddbmm_(dF.transpose(1, 2), q[g])
-        dw = (dc / norm.clamp_min(1e-12)).sum().reshape(w.shape)
+        dw = (dc * inv_norm).sum().reshape(w.shape)
         dq.baddbmm_(dF_q, M)  # F = q M qᵀ: both roles of q
         dk.baddbmm_(k, torch.bmm(q.transpose(1, 2), dF_q))  # M = Σ k kᵀ, dM + dMᵀ = qᵀ (dF + dFᵀ) q
-        if real is not None:  # q, k were zeroed at padded rows, so are their gradients
-            dq.mul_(real[:, :, None])
-            dk.mul_(real[:, :, None])
+        if key_mask is not None:  # q, k were zeroed at padded rows, so are their gradients
+            real = key_mask[:, None, :, None]  # (B, 1, S, 1) against (B, h, S, d)
+            dq.view(B, h, S, d).mul_(real)
+            dk.view(B, h, S, d).mul_(real)
         # the gradient of the projection, in its (B, S, 3, h, d) + (B, S, 3, ds) layout, in the workspace
         dprojected = _workspace("projection", B * S * width, dtype, device).view(B, S, width)
         for i, grad in enumerate((dq, dk, dv)):
@@ -266,8 +268,8 @@ class _FusedSpectralEntropyAttention(torch.autograd.Function):
         sp = torch.mul(gate, gate, out=spectral_work[0])
         dqs, dks, dvs = dprojected[..., 3 * H:].split(ds, dim=-1)
         dvs_real = torch.bmm(sp.transpose(1, 2), dsy)
-        if real is not None:
-            dvs_real.mul_(real.view(B, h, S)[:, 0, :, None])  # vs was masked
+        if key_mask is not None:
+            dvs_real.mul_(key_mask[:, :, None])  # vs was masked
         dvs.copy_(dvs_real)
         dlogits = torch.bmm(dsy, vs.transpose(1, 2), out=spectral_work[1]).mul_(sp)
         dlogits.addcmul_(dlogits, gate, value=-1.0)  # ⊙ (1 - g); the factor 2 goes on the results below

@@ -1,7 +1,8 @@
 """SpectralEntropyAttention against the literal O(S³) formula of SPEC 3 (tests/reference.py).
 
 The fast module folds the fractal term into an augmented (q, k) pair and runs either a materialised
-softmax (short S on CPU) or fused SDPA with V zero-padded; the spectral path may run in query chunks.
+softmax (short S on CPU) or fused SDPA with V zero-padded, and the spectral path may run in query chunks;
+on a CPU, depth 1 runs the hand-fused `_FusedSpectralEntropyAttention` instead.
 Every one of those paths is checked here against `literal_attention`, in values and in gradients, and for
 the property the original lacked: a real token's output does not depend on padding or batch-mates.
 """
@@ -396,9 +397,10 @@ def test_fused_dropout_equals_module_dropout(tokens, monkeypatch):
     att = make_attention(dropout=0.3).train()
     x, mask = make_inputs(LENGTHS)
     layout = TokenLayout(mask)
+    fused_bound = attention_module.CPU_FUSED_MAX_SCORES
 
     def run(fused):
-        monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 1 << 26 if fused else 0)
+        monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", fused_bound if fused else 0)
         att.zero_grad(set_to_none=True)
         xi = (layout.unpad(x) if tokens else x).clone().requires_grad_(True)
         torch.manual_seed(11)
