@@ -424,7 +424,7 @@ class SpectralEntropyAttention(nn.Module):
         self.ln = nn.LayerNorm(H)
         if self.use_spectral:
             self.sq, self.sk, self.sv = (nn.Linear(H, ds) for _ in range(3))
-            self.st = nn.Linear(ds, H, bias=False)
+            self.st = nn.Linear(ds, H)
             self.fractal_weights = nn.Parameter(torch.full((config.fractal_depth,), config.fractal_init),
                                                 requires_grad=config.learnable_fractal)
             self.spectral_fusion_weight = nn.Parameter(torch.tensor(config.spectral_fusion_init),
@@ -493,7 +493,8 @@ class SpectralEntropyAttention(nn.Module):
         if not self.use_spectral:
             return self.o(merged)
         fusion = self.spectral_fusion_weight.clamp(0.0, 0.5)
-        return F.linear(merged, torch.cat([self.o.weight, fusion * self.st.weight], dim=1), self.o.bias)
+        return F.linear(merged, torch.cat([self.o.weight, fusion * self.st.weight], dim=1),
+                        self.o.bias + fusion * self.st.bias)
 
 
 class TokenLayout:

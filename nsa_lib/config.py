@@ -248,7 +248,7 @@ def estimate_parameters(config: NSAConfig, *, breakdown: bool = False) -> int | 
     H, ds, A, F = config.hidden_size, config.spectral_dim, config.anomalous_dim, config.ff_mult * config.hidden_size
     attn = 4 * _linear(H, H) + _layernorm(H)
     if config.use_spectral:
-        attn += 3 * _linear(H, ds) + _linear(ds, H, bias=False) + config.fractal_depth + 1
+        attn += 3 * _linear(H, ds) + _linear(ds, H) + config.fractal_depth + 1
     ffn = 2 * _linear(H, F) + _linear(F, H) + _layernorm(H)
     parts = {
         "embeddings": config.vocab_size * H + config.max_positions * H + _layernorm(H),

@@ -21,6 +21,7 @@ sum. A term whose toggle is off is absent, not zero.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +51,60 @@ def gather_candidates(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     world = torch.distributed.get_world_size()
     if world == 1:
         return t, 0
-    try:  # autograd-aware gathers: the backward sums every process's gradient into the rows' owner
-        from torch.distributed._functional_collectives import all_gather_single
+    return all_gather_with_grad(t.contiguous()), torch.distributed.get_rank() * t.shape[0]
 
-        gathered = all_gather_single(t.contiguous(), 0, torch.distributed.group.WORLD)
-    except ImportError:  # torch < 2.6
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every process's `t` (same shape on each) concatenated on dim 0, differentiable: the backward pass sums
+    each process's gradient for a row into the process that owns the row.
+
+    Newer torch has `all_gather_single` with an autograd kernel; where it is missing or not differentiable,
+    `torch.distributed.nn.functional.all_gather` (differentiable since torch 1.8, deprecated in favour of the
+    former). A result without a gradient where `t` has one raises: the in-batch negatives of the other
+    processes would silently stop training this process's embeddings.
+    """
+    group = torch.distributed.group.WORLD
+    gathered = None
+    try:
+        from torch.distributed._functional_collectives import all_gather_single
+    except ImportError:
+        all_gather_single = None
+    if all_gather_single is not None:
+        gathered = all_gather_single(t, 0, group)
+        if t.requires_grad and not gathered.requires_grad:
+            gathered = None  # the same on every process (one torch), so every process takes the fallback
+    if gathered is None:
         from torch.distributed.nn.functional import all_gather
 
-        gathered = torch.cat(all_gather(t.contiguous()), dim=0)
-    return gathered, torch.distributed.get_rank() * t.shape[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its deprecation notice, once per call
+            gathered = torch.cat(all_gather(t, group=group), dim=0)
+    if t.requires_grad and not gathered.requires_grad:
+        raise RuntimeError(f"torch {torch.__version__}: gathering in-batch candidates across processes dropped "
+                           f"their gradient; use torch >= 2.6")
+    return gathered
+
+
+def unreached_parameters(config: NSAConfig) -> tuple[str, ...]:
+    """Name prefixes of the model's parameters that no enabled loss term reaches (so they get no gradient).
+
+    The entity head feeds only the bridge; retrieval128 only `fast` and `angular`; the ranking output and
+    the anomalous basis only `rank` (`angular` reads the ranking embedding detached); the anomalous and
+    spectral vectors `rank` and `spec`. The trainer freezes these, because DistributedDataParallel stops
+    on a trainable parameter without a gradient. tests/test_losses.py checks this list against autograd
+    for every combination of toggles.
+    """
+    c = config
+    unreached = []
+    if not c.use_bridge:
+        unreached.append("ent_head.")
+    if not (c.use_fast or c.use_angular):
+        unreached.append("retr.")
+    if not c.use_rank:
+        unreached += ["rank_head.out.", "rank_head.anom_basis"]
+        if not c.use_spectral:
+            unreached += ["rank_head.to_anom.", "rank_head.to_spec."]
+    return tuple(unreached)
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,

@@ -13,6 +13,7 @@ Not handled here: tokenisation (see the data module), token-type embeddings, dec
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import SpectralEntropyAttention, TokenLayout
 from .config import PRESETS, NSAConfig, preset_name
+from .safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,14 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         return hidden.mean(1)
     m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, S, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def first_real_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """CLS pooling: each row's first real token (not position 0, which left padding fills): (B, S, H) -> (B, H)."""
+    if mask is None:
+        return hidden[:, 0]
+    first = mask.int().argmax(1)  # (B,) index of the first 1 (argmax returns the first maximum)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
 
 
 # classes
@@ -220,7 +230,7 @@ class NSAModel(nn.Module):
         mask = attention_mask.ne(0) if (attention_mask is not None and has_padding) else None
         hidden = self.backbone(input_ids, mask)  # (B, S, H)
         token_mean = masked_mean(hidden, mask)  # (B, H)
-        pooled = hidden[:, 0] if self.config.pooling == "cls" else token_mean
+        pooled = first_real_token(hidden, mask) if self.config.pooling == "cls" else token_mean
         out: dict[str, Any] = {
             "embedding_semantic": self.sem_head(pooled),
             "entity": self.ent_head(pooled),
@@ -258,8 +268,23 @@ class NSAModel(nn.Module):
                 raise FileNotFoundError(f"{folder} has no {name}: not a folder written by NSAModel.save_pretrained")
         config = NSAConfig.from_dict({**NSAConfig.from_json(folder / "config.json").to_dict(), **config_overrides})
         model = cls(config)
-        load_state_dict_checked(model, load_file(str(folder / "model.safetensors")), source=str(folder))
+        state = _with_zero_st_bias(load_file(str(folder / "model.safetensors")), folder)
+        load_state_dict_checked(model, state, source=str(folder))
         return model.to(map_location).eval()
+
+
+def _with_zero_st_bias(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """Folders saved before `attn.st` had its bias (nsa_lib 0.2.0.dev0 up to this change) lack `st.bias`;
+    a zero bias computes exactly what those models computed. One warning per folder."""
+    zeros = {}
+    for key, weight in state.items():  # weight (H, ds)
+        if key.endswith(".attn.st.weight") and key.removesuffix("weight") + "bias" not in state:
+            zeros[key.removesuffix("weight") + "bias"] = weight.new_zeros(weight.shape[0])
+    if zeros:
+        warnings.warn(f"{folder} was saved before attn.st had a bias: its {len(zeros)} st.bias tensor(s) start at "
+                      f"zero, which computes what the saved model computed; save it again to update the folder",
+                      stacklevel=3)
+    return {**state, **zeros}
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
@@ -335,22 +360,23 @@ def _config_from_seed_state(state: dict[str, torch.Tensor], cfg: dict[str, Any])
 
 
 def load_seed_checkpoint(path_or_dict: str | Path | dict, *, map_location: str | torch.device = "cpu",
-                         **config_overrides: Any) -> NSAModel:
+                         trust_pickle: bool = False, **config_overrides: Any) -> NSAModel:
     """Turn a checkpoint of the original Spectra-NSA 0.1.0-alpha into an `NSAModel` (eval mode).
 
     Accepts the path of a `torch.save`d dict with `model` (state dict) and `cfg` (the original Config as a
     dict; see SPEC 7), the dict itself, or a bare state dict. The architecture comes from the weights'
     shapes and `cfg`; a contradiction between them, or weights that do not fit, raises `ValueError` naming
     the tensor. `config_overrides` change non-shape settings (e.g. `dropout=0.0`).
+
+    A file is loaded with `torch.load(weights_only=True)`: tensors, plain containers and the numpy types of
+    the original's RNG state, nothing that could run code (see `nsa_lib.safe_load`). A file that needs more
+    raises `UnsafeFileError` naming the types; `trust_pickle=True` unpickles it in full, with a warning.
     """
     if isinstance(path_or_dict, (str, Path)):
         path = Path(path_or_dict)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # the original also pickled numpy RNG state, which weights_only refuses
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_torch_file(path, trust_pickle=trust_pickle, what="checkpoint")
         source = str(path)
     else:
         ckpt, source = path_or_dict, "checkpoint dict"

@@ -40,9 +40,10 @@ from transformers import get_cosine_schedule_with_warmup
 from .backup import BackupManager, backup_target
 from .config import NSAConfig
 from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
-from .losses import NSALoss, temperature_at
+from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
+from .safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,11 @@ def find_resume_checkpoint(resume: str | None, *folders: str | Path | None) -> P
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream, as tensors and plain Python values only, so that `weights_only=True` loads it."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,7 +105,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple with an ndarray in checkpoints written before this layout
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -171,45 +180,63 @@ class Trainer:
         no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         self.accelerator = Accelerator(mixed_precision="no", cpu=no_accelerator)
         self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
         self.state = TrainState()
-
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
+        self._build_batches(data, tokenizer, triplets)
+        self._build_model_and_optimizer()
+        self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
+        self._attach_backups_and_resume(backup, backup_keep, resume)
+
+    def _build_batches(self, data: str, tokenizer, triplets) -> None:
+        """Tokenizer, train/validation split, length-grouped batches, and the number of optimizer steps."""
+        c = self.config
         self.tokenizer = tokenizer or load_tokenizer()
-        triplets = triplets if triplets is not None else load_triplets(data, max_samples=config.max_train_samples)
-        train, self.val_triplets = split_train_val(triplets, config.val_ratio, config.seed)
-        tokenized = TokenizedTriplets.build(train, self.tokenizer, config.max_length)
-        self.batches = TripletBatches(tokenized, config.batch_train, seed=config.seed,
-                                      pad_id=self.tokenizer.pad_token_id or 0)
-        self.world = self.accelerator.num_processes
-        per_epoch = len(self.batches) // (config.grad_accum * self.world)
+        triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples)
+        train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)
+        tokenized = TokenizedTriplets.build(train, self.tokenizer, c.max_length)
+        self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0)
+        per_epoch = len(self.batches) // (c.grad_accum * self.world)
         if per_epoch == 0:
             raise ValueError(f"{len(train)} training triplets make no optimizer step of "
-                             f"{config.batch_train} x {config.grad_accum} x {self.world} processes")
+                             f"{c.batch_train} x {c.grad_accum} x {self.world} processes")
         self.steps_per_epoch = per_epoch
-        self.total_steps = config.max_steps or config.epochs * per_epoch
+        self.total_steps = c.max_steps or c.epochs * per_epoch
 
-        self.model = NSAModel(config)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+    def _build_model_and_optimizer(self) -> None:
+        """The model (its loss-less parts frozen), AdamW (no decay on biases, norms, embeddings), the cosine
+        schedule, the loss, and the fp16 grad scaler; the model placed and wrapped by accelerate."""
+        c = self.config
+        model = NSAModel(c)
+        # a part that no enabled loss term reaches gets no gradient, which DistributedDataParallel treats as
+        # an error; frozen, it is left out of the reduction (and AdamW never touches it)
+        frozen = unreached_parameters(c)
+        for name, p in model.named_parameters():
+            if name.startswith(frozen):
+                p.requires_grad_(False)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=config.lr, betas=config.betas, fused=_fused_adamw_supported(self.device))
+                                           lr=c.lr, betas=c.betas, fused=_fused_adamw_supported(self.device))
         self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps)
-        self.loss_fn = NSALoss(config)
-        self.model = self.accelerator.prepare(self.model)
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
+            self.optimizer, round(c.warmup_ratio * self.total_steps), self.total_steps)
+        self.loss_fn = NSALoss(c)
+        self.model = self.accelerator.prepare(model)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.precision)
         # fp16: a starting scale of 2^10, not 2^16, so that the first steps do not overflow and get skipped
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, enabled=config.precision == "fp16")
-        self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, enabled=c.precision == "fp16")
 
+    def _attach_backups_and_resume(self, backup, backup_keep: int, resume: str | None) -> None:
+        """The backup target, the run folder with its config.json, and the checkpoint to resume from (with
+        'auto', a newer backup is fetched first)."""
         target = backup_target(backup) if isinstance(backup, str) else backup
         self.backups = BackupManager(target, keep=backup_keep) if target is not None else None
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.to_json(self.output_dir / "config.json")
+            self.config.to_json(self.output_dir / "config.json")
         if resume == "auto" and self.backups is not None:
             self._fetch_newer_backup()
         checkpoint = find_resume_checkpoint(resume, self.output_dir)
@@ -258,7 +285,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
-        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = load_torch_file(path / STATE_FILE, what="trainer state")  # never unpickles code (Drive backups)
         model = NSAModel.from_pretrained(path)
         self.accelerator.unwrap_model(self.model).load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -293,80 +320,106 @@ class Trainer:
         """Run until `total_steps` optimizer steps; returns the final state."""
         from tqdm.auto import tqdm
 
-        c, model = self.config, self.model
-        model.train()
+        self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", dynamic_ncols=True, mininterval=2.0,
                    disable=not (self.show_progress and self.accelerator.is_main_process))
         micro = self._micro_batches()
-        window_ok, window_terms, started = True, [], time.perf_counter()
         while self.state.step < self.total_steps:
-            temperature = temperature_at(self.state.step, self.total_steps, c)
-            for k in range(c.grad_accum):
-                index, batch = next(micro)
-                batch = {key: t.to(self.device) for key, t in batch.items()}
-                with self.accelerator.no_sync(model) if k < c.grad_accum - 1 else nullcontext():
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                        enabled=self.autocast_dtype is not None):
-                        out = model(**batch)
-                        parts = split_outputs(out, 3)
-                        loss = self.loss_fn(*parts, temperature=temperature)
-                    bad = loss.nonfinite_terms()
-                    if bad:
-                        window_ok = False
-                        logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped",
-                                       self.state.step, bad)
-                    else:
-                        self.scaler.scale(loss.total / c.grad_accum).backward()
-                    window_terms.append(loss.as_floats())
-                self.state.batch_in_epoch = (index // self.world + 1) * self.world  # next window's start
-            self.scaler.unscale_(self.optimizer)
-            health = {**gradient_stats(model.named_parameters()), **embedding_stats(parts[0])}
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm))
-            skipped = not window_ok or not math.isfinite(grad_norm)
-            if skipped:
-                self.scaler.update()  # lowers the fp16 scale when the gradients overflowed
-                self.state.skipped += 1
-                self.state.consecutive_skips += 1
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.state.consecutive_skips = 0
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step += 1
-
-            record = {"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
-                      **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
-                      "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
-                      "skipped": skipped, "skipped_total": self.state.skipped,
-                      "triplets_per_s": c.batch_train * c.grad_accum * self.world / (time.perf_counter() - started),
-                      **health}
-            record["warnings"] = health_warnings(record, c, c.batch_train)
-            for warning in record["warnings"]:
-                logger.warning("step %d: %s", self.state.step, warning)
+            record = self._optimizer_step(micro)
             self._log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{temperature:.3f}")
-            window_ok, window_terms, started = True, [], time.perf_counter()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{record['temperature']:.3f}")
             if self.state.consecutive_skips >= self.max_consecutive_skips:
                 raise TrainingStopped(f"{self.state.consecutive_skips} optimizer steps in a row had a non-finite "
                                       f"loss or gradient (last at step {self.state.step}); lower --lr, or use "
                                       f"--precision bf16 / no instead of fp16")
-            if c.eval_every and self.state.step % c.eval_every == 0:
-                self.evaluate()
-            backup_due = self.backups is not None and c.backup_every and self.state.step % c.backup_every == 0
-            if c.save_every and self.state.step % c.save_every == 0 or self.state.stopped_early or backup_due:
-                checkpoint = self.save_checkpoint()
-                if backup_due and checkpoint is not None:
-                    result = self.backups.backup(checkpoint)
-                    self._log({"step": self.state.step, "backup": result.__dict__,
-                               "target": repr(self.backups.target)})
+            self._evaluate_save_and_back_up()
             if self.state.stopped_early:
                 logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
                                self.state.evals_without_improvement)
                 break
         bar.close()
         return self.state
+
+    def _optimizer_step(self, micro) -> dict:
+        """Accumulate `grad_accum` micro-batches, then clip and step (or skip a non-finite step); returns the
+        step's metrics record."""
+        c, started = self.config, time.perf_counter()
+        temperature = temperature_at(self.state.step, self.total_steps, c)
+        window_ok, window_terms = True, []
+        for k in range(c.grad_accum):
+            index, batch = next(micro)
+            last = k == c.grad_accum - 1
+            ok, terms, anchors = self._accumulate(batch, temperature, sync=last)
+            window_ok &= ok
+            window_terms.append(terms)
+            self.state.batch_in_epoch = (index // self.world + 1) * self.world  # next window's start
+        self.scaler.unscale_(self.optimizer)
+        health = {**gradient_stats(self.model.named_parameters()), **embedding_stats(anchors)}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm))
+        skipped = not window_ok or not math.isfinite(grad_norm)  # the same on every process (see _accumulate)
+        if skipped:
+            self.scaler.update()  # lowers the fp16 scale when the gradients overflowed
+            self.state.skipped += 1
+            self.state.consecutive_skips += 1
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.state.consecutive_skips = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        record = {"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
+                  **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
+                  "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
+                  "skipped": skipped, "skipped_total": self.state.skipped,
+                  "triplets_per_s": c.batch_train * c.grad_accum * self.world / (time.perf_counter() - started),
+                  **health}
+        record["warnings"] = health_warnings(record, c, c.batch_train)
+        for warning in record["warnings"]:
+            logger.warning("step %d: %s", self.state.step, warning)
+        return record
+
+    def _accumulate(self, batch: dict, temperature: float, *, sync: bool) -> tuple[bool, dict, dict]:
+        """Forward one micro-batch and backpropagate its share of the loss; gradients are synchronised
+        across processes only when `sync` (the window's last micro-batch).
+
+        Whether the loss is finite is decided on all processes together (an all-reduce): if any process has
+        a non-finite term, every process skips this backward pass, so DistributedDataParallel never waits
+        for a process that did not run one, and every process skips the same optimizer step.
+        Returns (finite everywhere, the loss terms as floats, the anchors' outputs)."""
+        c, model = self.config, self.model
+        batch = {key: t.to(self.device) for key, t in batch.items()}
+        with self.accelerator.no_sync(model) if not sync else nullcontext():
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                parts = split_outputs(model(**batch), 3)
+                loss = self.loss_fn(*parts, temperature=temperature)
+            bad = loss.nonfinite_terms()
+            if bad:
+                logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped", self.state.step, bad)
+            ok = not self._any_process(bool(bad))
+            if ok:
+                self.scaler.scale(loss.total / c.grad_accum).backward()
+        return ok, loss.as_floats(), parts[0]
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` is True on any process (one all-reduce; no communication with one process)."""
+        if self.world == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum").item())
+
+    def _evaluate_save_and_back_up(self) -> None:
+        """After an optimizer step: the quick evaluation, the checkpoint and the backup, each when due."""
+        c, step = self.config, self.state.step
+        if c.eval_every and step % c.eval_every == 0:
+            self.evaluate()
+        backup_due = self.backups is not None and c.backup_every and step % c.backup_every == 0
+        if c.save_every and step % c.save_every == 0 or self.state.stopped_early or backup_due:
+            checkpoint = self.save_checkpoint()
+            if backup_due and checkpoint is not None:
+                result = self.backups.backup(checkpoint)
+                self._log({"step": step, "backup": result.__dict__, "target": repr(self.backups.target)})
 
     def evaluate(self) -> dict:
         """Run `eval_fn` on the main process, log it, and track the best STS; every process learns whether

@@ -52,7 +52,7 @@ def literal_model_forward(state_dict: dict, cfg, input_ids: torch.Tensor, attent
     h = int(cfg["num_heads"])
 
     def linear(x, name):
-        return F.linear(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+        return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])  # every Linear of the original has a bias
 
     def layer_norm(x, name):
         return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-5)

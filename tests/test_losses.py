@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from nsa_lib import NSAConfig, NSALoss, NSAModel, temperature_at
 from nsa_lib.config import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS
-from nsa_lib.losses import info_nce, symmetric_info_nce
+from nsa_lib.losses import info_nce, symmetric_info_nce, unreached_parameters
 
 # helpers
 
@@ -414,3 +414,26 @@ def test_model_through_loss_reaches_every_parameter(pooling):
                if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)}
     assert no_grad == set()
     assert any("fractal_weights" in n for n in trainable) and any("spectral_fusion_weight" in n for n in trainable)
+
+
+TOGGLES = ("use_spectral", "use_anchor64", "use_bridge", "use_matryoshka", "use_angular", "use_fast", "use_rank")
+
+
+@pytest.fixture(scope="module")
+def toggle_batches():
+    return batch(TOKENS), batch([TOKENS[1], TOKENS[2], TOKENS[0]]), batch([TOKENS[2], TOKENS[0][:5], TOKENS[1][:3]])
+
+
+@pytest.mark.parametrize("off", range(2 ** len(TOGGLES)), ids=lambda off: f"off{off:03d}")
+def test_unreached_parameters_are_exactly_those_without_gradient(off, toggle_batches):
+    """For every combination of the seven toggles, `unreached_parameters` names exactly the parameters
+    that autograd leaves without a gradient: the trainer freezes those, so that DistributedDataParallel
+    (which stops on a trainable parameter without a gradient) works under every flag."""
+    config = tiny_config(**{name: not (off >> i & 1) for i, name in enumerate(TOGGLES)})
+    torch.manual_seed(0)
+    model = NSAModel(config).train()
+    out = NSALoss(config, gather=False)(*(model(**b) for b in toggle_batches), temperature=T)
+    out.total.backward()
+    without_grad = {name for name, p in model.named_parameters() if p.grad is None}
+    assert without_grad == {name for name, _ in model.named_parameters()
+                            if name.startswith(unreached_parameters(config))}

@@ -59,7 +59,7 @@ def test_checkpointed_estimate_is_inputs_plus_one_block(monkeypatch):
 def test_params_command_prints_exact_count(capsys):
     assert main(["params", "--size", "M456", "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "466,382,320 parameters (466.4M)" in text
+    assert "466,406,896 parameters (466.4M)" in text
     assert "matches the estimate" in text
     assert text.count("GiB") >= 6
 
@@ -67,7 +67,7 @@ def test_params_command_prints_exact_count(capsys):
 def test_params_command_json_for_m1b(capsys):
     assert main(["params", "--size", "M1B", "--json", "--verify"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["parameters"]["total"] == data["built"] == 2388078848
+    assert data["parameters"]["total"] == data["built"] == 2388144384
     assert {(r["precision"], r["gradient_checkpointing"]) for r in data["memory"]} == {
         (p, c) for p in ("no", "fp16", "bf16") for c in (False, True)}
 
@@ -82,4 +82,4 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "nsa_lib", "params", "--size", "tiny"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "Spectra-NSA tiny: 2,191,924 parameters" in done.stdout
+    assert "Spectra-NSA tiny: 2,192,052 parameters" in done.stdout

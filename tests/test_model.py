@@ -117,6 +117,27 @@ def test_cls_pooling_uses_first_token():
     assert torch.equal(out["pooled"], out["last_hidden_state"][:, 0])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cls_pooling_takes_the_first_real_token_whatever_the_padding(side):
+    """Rows of different lengths, padded on either side: each row's CLS embedding equals the sentence's
+    embedding alone, and `pooled` is its first real token (under left padding, position 0 is padding)."""
+    torch.manual_seed(0)
+    model = NSAModel(NSAConfig.from_preset("tiny", pooling="cls", dropout=0.0)).double().eval()
+    rows = [TOKENS, TOKENS[:4], [101, 2054, 102]]
+    ids, mask = padded_batch(rows, 12)
+    if side == "left":  # move each row's real tokens to the end
+        for i, r in enumerate(rows):
+            ids[i], mask[i] = ids[i].roll(12 - len(r)), mask[i].roll(12 - len(r))
+    batched = model(input_ids=ids, attention_mask=mask)
+    for i, r in enumerate(rows):
+        first = 0 if side == "right" else 12 - len(r)
+        assert mask[i, first] == 1 and ids[i, first] == 101
+        assert torch.equal(batched["pooled"][i], batched["last_hidden_state"][i, first])
+        alone = model(input_ids=torch.tensor([r]))
+        for (key, a), (_, b) in zip(flat_outputs(alone, 0), flat_outputs(batched, i)):
+            assert (a - b).abs().max() <= 1e-10, (side, i, key)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_gives_same_loss_and_grads(dropout):
     """With dropout on too: the recomputed blocks must draw the same masks (the fused CPU attention draws

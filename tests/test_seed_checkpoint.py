@@ -23,60 +23,114 @@ SMALL = dict(vocab_size=100, max_positions=64, hidden_size=32, num_layers=2, num
 LENGTHS = (9, 5, 1, 7)  # right padding of different amounts, one single-token row
 
 
-def original_state_dict(*, vocab_size, max_positions, hidden_size, num_layers, spectral_dim, sem_dims, ent_dims,
+# SPEC 7's key list, written out: every tensor of an original 0.1.0-alpha state dict and its shape, in
+# V vocab, P positions, H hidden, F = ff_mult·H, ds spectral, A anomalous, D fractal depth, S0/E0 the first
+# semantic/entity dims, R retrieval, N anchor, K basis vectors, RK ranking; {n} stands for each layer.
+# The third column says how the fixture fills it: a weight matrix, a bias, a LayerNorm gain or shift, or
+# one of the learnable scalars. Typed from the original's module list, not from NSAModel.
+ORIGINAL_KEYS = """
+backbone.tok_emb.weight                    V,H        embedding
+backbone.pos_emb.weight                    P,H        position
+backbone.layers.{n}.attn.q.weight          H,H        matrix
+backbone.layers.{n}.attn.q.bias            H          bias
+backbone.layers.{n}.attn.k.weight          H,H        matrix
+backbone.layers.{n}.attn.k.bias            H          bias
+backbone.layers.{n}.attn.v.weight          H,H        matrix
+backbone.layers.{n}.attn.v.bias            H          bias
+backbone.layers.{n}.attn.o.weight          H,H        matrix
+backbone.layers.{n}.attn.o.bias            H          bias
+backbone.layers.{n}.attn.sq.weight         ds,H       matrix
+backbone.layers.{n}.attn.sq.bias           ds         bias
+backbone.layers.{n}.attn.sk.weight         ds,H       matrix
+backbone.layers.{n}.attn.sk.bias           ds         bias
+backbone.layers.{n}.attn.sv.weight         ds,H       matrix
+backbone.layers.{n}.attn.sv.bias           ds         bias
+backbone.layers.{n}.attn.st.weight         H,ds       matrix
+backbone.layers.{n}.attn.st.bias           H          bias
+backbone.layers.{n}.attn.fractal_weights   D          fractal
+backbone.layers.{n}.attn.spectral_fusion_weight  -    fusion
+backbone.layers.{n}.attn.ln.weight         H          gain
+backbone.layers.{n}.attn.ln.bias           H          shift
+backbone.layers.{n}.ffn.w1.weight          F,H        matrix
+backbone.layers.{n}.ffn.w1.bias            F          bias
+backbone.layers.{n}.ffn.w2.weight          F,H        matrix
+backbone.layers.{n}.ffn.w2.bias            F          bias
+backbone.layers.{n}.ffn.w3.weight          H,F        matrix
+backbone.layers.{n}.ffn.w3.bias            H          bias
+backbone.layers.{n}.ffn.ln.weight          H          gain
+backbone.layers.{n}.ffn.ln.bias            H          shift
+backbone.ln.weight                         H          gain
+backbone.ln.bias                           H          shift
+sem_head.proj.weight                       S0,H       matrix
+sem_head.proj.bias                         S0         bias
+sem_head.norm.weight                       S0         gain
+sem_head.norm.bias                         S0         shift
+ent_head.proj.weight                       E0,H       matrix
+ent_head.proj.bias                         E0         bias
+ent_head.norm.weight                       E0         gain
+ent_head.norm.bias                         E0         shift
+retr.0.weight                              H,H        matrix
+retr.0.bias                                H          bias
+retr.2.weight                              R,H        matrix
+retr.2.bias                                R          bias
+anchor.0.weight                            N,H        matrix
+anchor.0.bias                              N          bias
+anchor.1.weight                            N          gain
+anchor.1.bias                              N          shift
+rank_head.anom_basis                       K,A        basis
+rank_head.to_anom.0.weight                 2*H,H      matrix
+rank_head.to_anom.0.bias                   2*H        bias
+rank_head.to_anom.2.weight                 2*H        gain
+rank_head.to_anom.2.bias                   2*H        shift
+rank_head.to_anom.3.weight                 A,2*H      matrix
+rank_head.to_anom.3.bias                   A          bias
+rank_head.to_anom.5.weight                 A          gain
+rank_head.to_anom.5.bias                   A          shift
+rank_head.to_spec.0.weight                 ds,A       matrix
+rank_head.to_spec.0.bias                   ds         bias
+rank_head.to_spec.2.weight                 ds,ds      matrix
+rank_head.to_spec.2.bias                   ds         bias
+rank_head.to_spec.3.weight                 ds         gain
+rank_head.to_spec.3.bias                   ds         shift
+rank_head.out.0.weight                     RK,A+ds    matrix
+rank_head.out.0.bias                       RK         bias
+rank_head.out.1.weight                     RK         gain
+rank_head.out.1.bias                       RK         shift
+"""
+
+
+def original_key_shapes(*, vocab_size, max_positions, hidden_size, num_layers, spectral_dim, sem_dims, ent_dims,
                         anchor_dim, retrieval_dim, ranking_dim, anomalous_dim, num_anomalous_basis,
-                        fractal_depth=1, ff_mult=4, seed=0, **_) -> dict[str, torch.Tensor]:
+                        fractal_depth=1, ff_mult=4, **_) -> dict[str, tuple[tuple[int, ...], str]]:
+    """ORIGINAL_KEYS for one configuration: key -> (shape, kind), layers expanded."""
+    sizes = dict(V=vocab_size, P=max_positions, H=hidden_size, F=ff_mult * hidden_size, ds=spectral_dim,
+                 A=anomalous_dim, D=fractal_depth, S0=sem_dims[0], E0=ent_dims[0], R=retrieval_dim, N=anchor_dim,
+                 K=num_anomalous_basis, RK=ranking_dim)
+    table = {}
+    for line in ORIGINAL_KEYS.strip().splitlines():
+        key, dims, kind = line.split()
+        shape = () if dims == "-" else tuple(int(eval(d, {}, sizes)) for d in dims.split(","))
+        for n in (range(num_layers) if "{n}" in key else [None]):
+            table[key.format(n=n)] = (shape, kind)
+    return table
+
+
+def original_state_dict(*, seed=0, **shape) -> dict[str, torch.Tensor]:
     """Random float32 weights under SPEC 7's key names and shapes, scaled so activations stay O(1),
     LayerNorms near identity, fractal weights ~0.3 and the fusion weight 0.3 so that both terms matter."""
     g = torch.Generator().manual_seed(seed)
-    H, ds, A = hidden_size, spectral_dim, anomalous_dim
-    sd: dict[str, torch.Tensor] = {}
-
-    def linear(name, n_out, n_in, bias=True):
-        sd[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
-        if bias:
-            sd[f"{name}.bias"] = torch.randn(n_out, generator=g) * 0.1
-
-    def layer_norm(name, n):
-        sd[f"{name}.weight"] = 1.0 + 0.2 * torch.randn(n, generator=g)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(n, generator=g)
-
-    sd["backbone.tok_emb.weight"] = torch.randn(vocab_size, H, generator=g)
-    sd["backbone.pos_emb.weight"] = 0.5 * torch.randn(max_positions, H, generator=g)
-    for n in range(num_layers):
-        p = f"backbone.layers.{n}"
-        for name in "qkvo":
-            linear(f"{p}.attn.{name}", H, H)
-        for name in ("sq", "sk", "sv"):
-            linear(f"{p}.attn.{name}", ds, H)
-        linear(f"{p}.attn.st", H, ds, bias=False)
-        sd[f"{p}.attn.fractal_weights"] = 0.3 + 0.05 * torch.randn(fractal_depth, generator=g)
-        sd[f"{p}.attn.spectral_fusion_weight"] = torch.tensor(0.3)
-        layer_norm(f"{p}.attn.ln", H)
-        linear(f"{p}.ffn.w1", ff_mult * H, H)
-        linear(f"{p}.ffn.w2", ff_mult * H, H)
-        linear(f"{p}.ffn.w3", H, ff_mult * H)
-        layer_norm(f"{p}.ffn.ln", H)
-    layer_norm("backbone.ln", H)
-    linear("sem_head.proj", sem_dims[0], H)
-    layer_norm("sem_head.norm", sem_dims[0])
-    linear("ent_head.proj", ent_dims[0], H)
-    layer_norm("ent_head.norm", ent_dims[0])
-    linear("retr.0", H, H)
-    linear("retr.2", retrieval_dim, H)
-    linear("anchor.0", anchor_dim, H)
-    layer_norm("anchor.1", anchor_dim)
-    sd["rank_head.anom_basis"] = 0.1 * torch.randn(num_anomalous_basis, A, generator=g)
-    linear("rank_head.to_anom.0", 2 * H, H)
-    layer_norm("rank_head.to_anom.2", 2 * H)
-    linear("rank_head.to_anom.3", A, 2 * H)
-    layer_norm("rank_head.to_anom.5", A)
-    linear("rank_head.to_spec.0", ds, A)
-    linear("rank_head.to_spec.2", ds, ds)
-    layer_norm("rank_head.to_spec.3", ds)
-    linear("rank_head.out.0", ranking_dim, A + ds)
-    layer_norm("rank_head.out.1", ranking_dim)
-    return sd
+    fill = {
+        "embedding": lambda s: torch.randn(s, generator=g),
+        "position": lambda s: 0.5 * torch.randn(s, generator=g),
+        "matrix": lambda s: torch.randn(s, generator=g) / s[1] ** 0.5,
+        "bias": lambda s: 0.1 * torch.randn(s, generator=g),
+        "gain": lambda s: 1.0 + 0.2 * torch.randn(s, generator=g),
+        "shift": lambda s: 0.1 * torch.randn(s, generator=g),
+        "fractal": lambda s: 0.3 + 0.05 * torch.randn(s, generator=g),
+        "fusion": lambda s: torch.tensor(0.3),
+        "basis": lambda s: 0.1 * torch.randn(s, generator=g),
+    }
+    return {key: fill[kind](shape) for key, (shape, kind) in original_key_shapes(**shape).items()}
 
 
 def original_checkpoint(*, size="custom", fractal_depth=1, cfg_overrides=None, cfg_drop=(), seed=0) -> dict:
@@ -328,3 +382,41 @@ def test_from_pretrained_with_weights_of_another_shape(tmp_path):
     (tmp_path / "a" / "model.safetensors").replace(tmp_path / "b" / "model.safetensors")
     with pytest.raises(ValueError, match="shape mismatch"):
         NSAModel.from_pretrained(tmp_path / "b")
+
+
+def test_folder_saved_before_st_had_a_bias_loads_with_one_warning(tmp_path):
+    """A folder written by save_pretrained before attn.st had its bias holds no st.bias: it loads with
+    zeros there (what that model computed), and one warning for the whole folder."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    folder = model.save_pretrained(tmp_path / "old")
+    state = load_file(str(folder / "model.safetensors"))
+    dropped = [k for k in state if k.endswith("attn.st.bias")]
+    assert len(dropped) == model.config.num_layers
+    save_file({k: v for k, v in state.items() if k not in dropped}, str(folder / "model.safetensors"))
+    with pytest.warns(UserWarning, match="before attn.st had a bias") as record:
+        loaded = NSAModel.from_pretrained(folder)
+    assert len([w for w in record if "attn.st" in str(w.message)]) == 1
+    for n in range(model.config.num_layers):
+        assert torch.equal(loaded.backbone.layers[n].attn.st.bias, torch.zeros(model.config.hidden_size))
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.attn.st.bias.zero_()
+    ids, mask = padded_batch(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        diffs = max_output_diff(model(input_ids=ids, attention_mask=mask), loaded(input_ids=ids, attention_mask=mask), mask)
+    assert max(diffs.values()) == 0.0, diffs
+
+
+def test_st_bias_reaches_the_output():
+    """attn.st's bias is part of the function (SPEC 3): moving it moves every output."""
+    model = tiny_model(dropout=0.0)
+    ids, mask = padded_batch(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask)
+        model.backbone.layers[0].attn.st.bias.add_(torch.randn(model.config.hidden_size))  # a constant would
+        # shift every dim alike, which the LayerNorm after it removes
+        after = model(input_ids=ids, attention_mask=mask)
+    diffs = max_output_diff(before, after, mask)
+    assert min(diffs[k] for k in ("last_hidden_state", "embedding_semantic[64]", "embedding_ranking")) > 1e-3, diffs

@@ -188,7 +188,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_ones_whole(tmp_path)
     assert len(complete) >= 3
     for ckpt in complete:  # every complete checkpoint loads
         NSAModel.from_pretrained(ckpt)
-        torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)  # no allowlist needed
     newest = find_resume_checkpoint("auto", run)
     assert newest == complete[-1]
     config = NSAConfig.from_preset("tiny", batch_train=8, grad_accum=1, max_steps=100000, save_every=1,
