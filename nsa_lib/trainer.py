@@ -9,6 +9,9 @@ the path a GPU takes is the one the CPU tests take. A non-finite loss or gradien
 step and is logged and counted (the loss is never patched with nan_to_num); `max_consecutive_skips` in a
 row stop the run with a message. `accelerate` places the model, wraps it for several processes and skips
 gradient synchronisation inside an accumulation window; every process takes every world-th micro-batch.
+Under several processes a non-finite loss on any one of them skips the step on all (one all-reduce per
+micro-batch), and the parts of the model that no enabled loss term reaches are frozen, so that every
+ablation flag works with DistributedDataParallel.
 
 A checkpoint (every `save_every` optimizer steps) is a folder `ckpt-0000500/` holding the model
 (config.json + model.safetensors) and trainer_state.pt (optimizer, scheduler, scaler, every RNG state,

@@ -2,7 +2,7 @@
 
 The fast module folds the fractal term into an augmented (q, k) pair and runs either a materialised
 softmax (short S on CPU) or fused SDPA with V zero-padded, and the spectral path may run in query chunks;
-on a CPU, depth 1 runs the hand-fused `_FusedSpectralEntropyAttention` instead.
+on a CPU, depth 1 runs the hand-fused `cpu_attention.FusedSpectralEntropyAttention` instead.
 Every one of those paths is checked here against `literal_attention`, in values and in gradients, and for
 the property the original lacked: a real token's output does not depend on padding or batch-mates.
 """
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nsa_lib.attention as attention_module
+import nsa_lib.cpu_attention as cpu_attention
 from nsa_lib import NSAConfig, SpectralEntropyAttention
 from nsa_lib.attention import fractal_augment
 from tests.reference import literal_attention
@@ -60,8 +61,8 @@ def softmax_path(request, monkeypatch):
     `softmax_attention` with materialised (S, S) scores or with the fused SDPA kernel and V zero-padded
     (the GPU path)."""
     if request.param == "cpu-fused-blocked":
-        monkeypatch.setattr(attention_module._FusedSpectralEntropyAttention, "BLOCK_FLOATS", 16)
-        monkeypatch.setattr(attention_module, "WORKSPACE_MAX_BYTES", 0)
+        monkeypatch.setattr(cpu_attention.FusedSpectralEntropyAttention, "BLOCK_FLOATS", 16)
+        monkeypatch.setattr(cpu_attention, "WORKSPACE_MAX_BYTES", 0)
     if request.param in ("materialized", "sdpa"):
         monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 0)
     if request.param == "sdpa":
@@ -313,18 +314,40 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(softmax_path):
     assert real_max_diff(mixed.float(), reference, mask) <= 5e-2
 
 
-def test_long_sequence_chunked_matches_unchunked():
+def test_long_sequence_chunked_matches_unchunked(monkeypatch):
+    """S = 1100 on the generic path (the one a GPU takes; the fused CPU kernel has no query chunks): the
+    spectral path in chunks of 512, 512 and 76 queries, recomputed in the backward pass, equals the same
+    path in one piece, in values and gradients; and both equal the fused CPU kernel, a third computation."""
     att = make_attention(dtype=torch.float32, hidden_size=16, num_heads=2, spectral_dim=8)
     S = 1100
     x, mask = make_inputs((S,), dtype=torch.float32, seq_len=S)
     mask[0, 1000:] = 0  # some padding, beyond a chunk boundary
-    with torch.no_grad():
-        att.spectral_chunk_size = 512  # chunks of 512, 512, 76
-        chunked = att(x, mask)
-        att.spectral_chunk_size = 1_000_000
-        full = att(x, mask)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * mask[..., None]
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        out = att(xi, mask)
+        (out * weight).sum().backward()
+        return out.detach(), xi.grad
+
+    fused, fused_grad = run()
+    monkeypatch.setattr(attention_module, "CPU_FUSED_MAX_SCORES", 0)  # the generic path from here on
+    chunk_lengths = []  # query rows per call of the spectral core (a spy: it delegates unchanged)
+    core = attention_module._sigmoid_sq_attention
+    monkeypatch.setattr(attention_module, "_sigmoid_sq_attention",
+                        lambda qs, ks, vs: chunk_lengths.append(qs.shape[1]) or core(qs, ks, vs))
+    att.spectral_chunk_size = 512
+    chunked, chunked_grad = run()
+    assert chunk_lengths[:3] == [512, 512, 76]  # then the same three again, recomputed in the backward pass
+    chunk_lengths.clear()
+    att.spectral_chunk_size = 1_000_000
+    whole, whole_grad = run()
+    assert chunk_lengths == [S]
     assert torch.isfinite(chunked).all()
-    assert real_max_diff(chunked, full, mask) <= 1e-4
+    assert real_max_diff(chunked, whole, mask) <= 1e-5
+    assert (chunked_grad - whole_grad).abs().max().item() <= 1e-5
+    assert real_max_diff(chunked, fused, mask) <= 1e-4
+    assert (chunked_grad - fused_grad).abs().max().item() <= 1e-4
 
 
 def test_fractal_step_backward_passes_gradcheck():
@@ -344,10 +367,11 @@ def test_fused_cpu_attention_passes_gradcheck(inputs, block_floats, symmetrize_m
     """The hand-written forward/backward of the fused CPU path (depth 1: projection, fractal softmax
     attention, spectral path) against finite differences; in one group of heads and one head at a time;
     with dF + dFᵀ formed or as two GEMMs; on a padded batch and on its real tokens only."""
-    from nsa_lib.attention import TokenLayout, _FusedSpectralEntropyAttention
+    from nsa_lib.attention import TokenLayout
+    from nsa_lib.cpu_attention import FusedSpectralEntropyAttention
 
-    monkeypatch.setattr(_FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)  # 8: one head per group
-    monkeypatch.setattr(_FusedSpectralEntropyAttention, "SYMMETRIZE_MAX_LEN", symmetrize_max_len)  # 0: two GEMMs
+    monkeypatch.setattr(FusedSpectralEntropyAttention, "BLOCK_FLOATS", block_floats)  # 8: one head per group
+    monkeypatch.setattr(FusedSpectralEntropyAttention, "SYMMETRIZE_MAX_LEN", symmetrize_max_len)  # 0: two GEMMs
     g = torch.Generator().manual_seed(6)
     heads, d, ds, hidden = 2, 3, 2, 4
     width = 3 * heads * d + 3 * ds
@@ -361,7 +385,7 @@ def test_fused_cpu_attention_passes_gradcheck(inputs, block_floats, symmetrize_m
     real_rows = torch.ones(2, 5, 1, dtype=torch.float64) if mask is None else mask[:, :, None].double()
 
     def f(x, weight, bias, w):  # padded query rows are unspecified: compare real rows only
-        out = _FusedSpectralEntropyAttention.apply(x, weight, bias, w, mask, layout and layout.index, heads, ds, 0.0)
+        out = FusedSpectralEntropyAttention.apply(x, weight, bias, w, mask, layout and layout.index, heads, ds, 0.0)
         return out * real_rows
 
     assert torch.autograd.gradcheck(f, (x, weight, bias, w))
@@ -420,12 +444,12 @@ def test_fused_dropout_equals_module_dropout(tokens, monkeypatch):
 
 
 def test_workspace_is_reused_below_its_cap_and_fresh_above(monkeypatch):
-    from nsa_lib.attention import _workspace
+    from nsa_lib.cpu_attention import _workspace
 
     first = _workspace("test", 100, torch.float32, torch.device("cpu"))
     again = _workspace("test", 50, torch.float32, torch.device("cpu"))
     assert again.data_ptr() == first.data_ptr() and again.numel() == 50
     other_dtype = _workspace("test", 50, torch.float64, torch.device("cpu"))
     assert other_dtype.dtype == torch.float64 and other_dtype.data_ptr() != first.data_ptr()
-    monkeypatch.setattr(attention_module, "WORKSPACE_MAX_BYTES", 100)  # 100 floats = 400 bytes: over the cap
+    monkeypatch.setattr(cpu_attention, "WORKSPACE_MAX_BYTES", 100)  # 100 floats = 400 bytes: over the cap
     assert _workspace("test", 100, torch.float32, torch.device("cpu")).data_ptr() != first.data_ptr()

@@ -2,7 +2,6 @@
 of a real (tiny) run, headless Chromium (Debian's, driven by Playwright; no browser download) runs it, and
 the widgets and the plot must actually render. The screenshot is kept under the test's temp folder (and
 copied to $NSA_SCREENSHOT_DIR when set)."""
-import json
 import os
 import shutil
 import socket

