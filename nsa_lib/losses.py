@@ -58,12 +58,13 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """Every process's `t` (same shape on each) concatenated on dim 0, differentiable: the backward pass sums
     each process's gradient for a row into the process that owns the row.
 
-    Newer torch has `all_gather_single` with an autograd kernel; where it is missing or not differentiable,
-    `torch.distributed.nn.functional.all_gather` (differentiable since torch 1.8, deprecated in favour of the
-    former). A result without a gradient where `t` has one raises: the in-batch negatives of the other
+    torch 2.13 has `all_gather_single` with an autograd kernel; where it is missing (2.6-2.12) or not
+    differentiable, `torch.distributed.nn.functional.all_gather` (differentiable since torch 1.8, deprecated
+    in 2.13 in favour of the former). A result without a gradient where `t` has one raises: the in-batch negatives of the other
     processes would silently stop training this process's embeddings.
     """
     group = torch.distributed.group.WORLD
+    needs_grad = t.requires_grad and torch.is_grad_enabled()
     gathered = None
     try:
         from torch.distributed._functional_collectives import all_gather_single
@@ -71,7 +72,7 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
         all_gather_single = None
     if all_gather_single is not None:
         gathered = all_gather_single(t, 0, group)
-        if t.requires_grad and not gathered.requires_grad:
+        if needs_grad and not gathered.requires_grad:
             gathered = None  # the same on every process (one torch), so every process takes the fallback
     if gathered is None:
         from torch.distributed.nn.functional import all_gather
@@ -79,7 +80,7 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # its deprecation notice, once per call
             gathered = torch.cat(all_gather(t, group=group), dim=0)
-    if t.requires_grad and not gathered.requires_grad:
+    if needs_grad and not gathered.requires_grad:
         raise RuntimeError(f"torch {torch.__version__}: gathering in-batch candidates across processes dropped "
                            f"their gradient; use torch >= 2.6")
     return gathered

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nsa_lib import NSAConfig
-from nsa_lib.losses import NSALoss
+from nsa_lib.losses import NSALoss, gather_candidates
 
 WORLD, PER_PROCESS = 2, 3
 
@@ -60,6 +60,9 @@ def worker(rank: int, port: int, queue) -> None:
         outs = outputs(config, slice(rank * PER_PROCESS, (rank + 1) * PER_PROCESS))
         loss = NSALoss(config)(*outs, temperature=0.05)
         loss.total.backward()
+        with torch.no_grad():  # e.g. an evaluation: gathered without a graph, and no complaint about it
+            gathered, offset = gather_candidates(outs[0]["retrieval128"])
+        assert gathered.shape == (WORLD * PER_PROCESS, config.retrieval_dim) and offset == rank * PER_PROCESS
         queue.put((rank, loss.total.item(), gradients(outs)))
         dist.barrier()  # tear down together: gloo aborts a process whose peer has already closed the pair
     finally:
