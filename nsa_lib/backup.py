@@ -11,12 +11,13 @@ then renamed; failures are retried with exponential back-off; the oldest backups
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .runfolder import checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +26,6 @@ DRIVE_FOLDER_MIME = "application/vnd.google-apps.folder"
 
 class BackupError(RuntimeError):
     """A copy could not be made or did not verify."""
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -49,26 +42,38 @@ class FolderTarget:
         return f"FolderTarget({str(self.root)!r})"
 
     def upload(self, source: Path, name: str) -> None:
+        """Copy `source` to `<root>/<name>.tmp`, verify it, swap it in as `<root>/<name>`. A failed copy (a
+        full disk) is removed, so that it does not keep the disk full for the next backup."""
         tmp, final = self.root / f"{name}.tmp", self.root / name
         shutil.rmtree(tmp, ignore_errors=True)
-        for src in _files(source):
-            dst = tmp / src.relative_to(source)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-            if dst.stat().st_size != src.stat().st_size or file_digest(dst) != file_digest(src):
-                raise BackupError(f"copy of {src.name} to {dst} does not match the original")
-        shutil.rmtree(final, ignore_errors=True)
+        try:
+            for src in _files(source):
+                dst = tmp / src.relative_to(source)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                if dst.stat().st_size != src.stat().st_size or file_digest(dst) != file_digest(src):
+                    raise BackupError(f"copy of {src.name} to {dst} does not match the original")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = self.root / f"{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old")))
 
     def delete(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
 
     def download(self, name: str, dest: Path) -> Path:
+        if not (self.root / name).is_dir():
+            raise BackupError(f"no backup {name!r} in {self.root}")
         shutil.copytree(self.root / name, dest, dirs_exist_ok=True)
         return dest
 
@@ -91,9 +96,15 @@ class DriveTarget:
     def from_service_account(cls, folder_id: str, key_file: str | Path, *, api_endpoint: str | None = None):
         from pydrive2.auth import GoogleAuth
 
+        _check_service_account_key(Path(key_file))
         auth = GoogleAuth(settings={"client_config_backend": "service",
                                     "service_config": {"client_json_file_path": str(key_file)}})
-        auth.ServiceAuth()
+        try:
+            auth.ServiceAuth()
+        except Exception as e:  # e.g. a private key that does not parse: OpenSSL's long traceback otherwise
+            raise BackupError(f"the service-account key {key_file} was refused ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else 'no detail'}); download a "
+                              f"new JSON key for the service account and point NSA_GDRIVE_KEY at it") from None
         return cls(_drive(auth, api_endpoint), folder_id)
 
     @classmethod
@@ -121,15 +132,22 @@ class DriveTarget:
         folder = self.drive.CreateFile({"title": f"{name}.tmp", "mimeType": DRIVE_FOLDER_MIME,
                                         "parents": [{"id": self.folder_id}]})
         folder.Upload()
-        for src in _files(source):
-            if src.parent != source:
-                raise BackupError(f"{src}: DriveTarget copies flat checkpoint folders only")
-            f = self.drive.CreateFile({"title": src.name, "parents": [{"id": folder["id"]}]})
-            f.SetContentFile(str(src))
-            f.Upload()
-            f.FetchMetadata(fields="md5Checksum,fileSize")
-            if int(f["fileSize"]) != src.stat().st_size or f["md5Checksum"] != file_digest(src, "md5"):
-                raise BackupError(f"Drive's copy of {src.name} does not match the original")
+        try:
+            for src in _files(source):
+                if src.parent != source:
+                    raise BackupError(f"{src}: DriveTarget copies flat checkpoint folders only")
+                f = self.drive.CreateFile({"title": src.name, "parents": [{"id": folder["id"]}]})
+                f.SetContentFile(str(src))
+                f.Upload()
+                f.FetchMetadata(fields="md5Checksum,fileSize")
+                if int(f["fileSize"]) != src.stat().st_size or f["md5Checksum"] != file_digest(src, "md5"):
+                    raise BackupError(f"Drive's copy of {src.name} does not match the original")
+        except BaseException:
+            try:  # a partial copy must not fill the Drive quota for the next backup
+                folder.Delete()
+            except Exception as e:
+                logger.warning("could not remove the partial backup %s.tmp from Drive: %s", name, e)
+            raise
         old = self._folder(name)
         if old is not None:
             old.Delete()
@@ -153,6 +171,24 @@ class DriveTarget:
         for f in self._children(folder["id"]):
             f.GetContentFile(str(dest / f["title"]))
         return dest
+
+
+def _check_service_account_key(path: Path) -> None:
+    """A readable Google service-account JSON key, or a BackupError saying what is wrong with it."""
+    import json
+
+    fix = "download a JSON key for the service account (IAM > Service accounts > Keys) and point NSA_GDRIVE_KEY at it"
+    if not path.is_file():
+        raise BackupError(f"no service-account key at {path}; {fix}")
+    try:
+        key = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BackupError(f"{path} is not a JSON service-account key ({type(e).__name__}); {fix}") from None
+    missing = [k for k in ("type", "client_email", "private_key") if not isinstance(key, dict) or k not in key]
+    if missing or key.get("type") != "service_account":
+        raise BackupError(f"{path} is not a service-account key (missing {missing or ['type: service_account']}); {fix}")
+    if "-----BEGIN PRIVATE KEY-----" not in key["private_key"]:
+        raise BackupError(f"{path}: its private_key is not a PEM private key; {fix}")
 
 
 def _drive(auth, api_endpoint: str | None):
@@ -205,23 +241,30 @@ class BackupManager:
     def __init__(self, target, *, keep: int = 3, retries: int = 3, backoff: float = 2.0):
         self.target, self.keep, self.retries, self.backoff = target, keep, retries, backoff
 
-    def backup(self, checkpoint: Path) -> BackupResult:
+    def backup(self, source: Path, *, name: str | None = None, keep_step: int | None = None) -> BackupResult:
+        """Copy `source` to the target as `name` (default: its folder name), retrying; then prune the old
+        checkpoint backups, keeping the newest `keep` and the one of `keep_step` (the best step)."""
+        name = name or source.name
         started, error = time.perf_counter(), None
         for attempt in range(1, self.retries + 1):
             try:
-                self.target.upload(checkpoint, checkpoint.name)
-                self._prune()
-                logger.info("backed up %s to %s", checkpoint.name, self.target)
-                return BackupResult(checkpoint.name, True, attempt, time.perf_counter() - started)
+                self.target.upload(source, name)
+                self._prune(keep_step)
+                logger.info("backed up %s to %s", name, self.target)
+                return BackupResult(name, True, attempt, time.perf_counter() - started)
             except Exception as e:  # any failure of the copy: retry, then report
                 error = f"{type(e).__name__}: {e}"
-                logger.warning("backup of %s to %s failed (attempt %d/%d): %s", checkpoint.name, self.target,
+                logger.warning("backup of %s to %s failed (attempt %d/%d): %s", name, self.target,
                                attempt, self.retries, error)
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2 ** (attempt - 1))
-        return BackupResult(checkpoint.name, False, self.retries, time.perf_counter() - started, error)
+        return BackupResult(name, False, self.retries, time.perf_counter() - started, error)
 
-    def _prune(self) -> None:
-        names = self.target.names()
-        for name in names[:max(0, len(names) - self.keep)]:
-            self.target.delete(name)
+    def _prune(self, keep_step: int | None = None) -> None:
+        """Delete old checkpoint backups: only this manager's own `ckpt-<step>` folders (complete, hence
+        verified when they were written), never the newest `keep`, the `keep_step` one, best/, final/ or
+        any other folder."""
+        steps = sorted(checkpoint_step(n) for n in self.target.names() if is_checkpoint_name(n))
+        for step in steps[:max(0, len(steps) - self.keep)]:
+            if step != keep_step:
+                self.target.delete(checkpoint_name(step))

@@ -79,36 +79,45 @@ TOGGLES = {  # the original's ablation flags -> NSAConfig field set to False
 }
 
 
-def config_from_args(args: argparse.Namespace) -> NSAConfig:
-    overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    overrides.update({field: False for flag, field in TOGGLES.items() if getattr(args, flag)})
+def explicit_settings(args: argparse.Namespace) -> dict:
+    """The NSAConfig fields that the command line sets explicitly (flags given), field -> value."""
+    settings = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    settings.update({field: False for flag, field in TOGGLES.items() if getattr(args, flag)})
     if args.gradient_checkpointing:
-        overrides["gradient_checkpointing"] = True
-    return NSAConfig.from_preset(args.size, **overrides)
+        settings["gradient_checkpointing"] = True
+    if args.size is not None:
+        settings["size"] = args.size
+    return settings
+
+
+def config_from_args(args: argparse.Namespace) -> NSAConfig:
+    """A new run's config: the preset (default M456) with the flags given."""
+    settings = explicit_settings(args)
+    return NSAConfig.from_preset(settings.pop("size", "M456"), **settings)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_stsb, load_tokenizer
     from .evaluate import nsa_encoder, sts_spearman
-    from .trainer import Trainer, find_resume_checkpoint
     from .model import NSAModel
+    from .trainer import Trainer
 
-    resume = args.resume
-    backup_root = args.backup_dir if args.backup_dir and not args.backup_dir.startswith("gdrive:") else None
-    if resume == "auto" and find_resume_checkpoint("auto", args.output_dir, backup_root) is not None \
-            and (Path(args.output_dir) / "config.json").is_file():
-        config = NSAConfig.from_json(Path(args.output_dir) / "config.json")  # a resumed run keeps its settings
-    else:
-        config = config_from_args(args)
+    requested = explicit_settings(args)
+    if "size" in requested:  # as a resumed run's config names it: the preset's own spelling
+        requested["size"] = NSAConfig.from_preset(requested["size"]).size
     tokenizer = load_tokenizer()
-    trainer = Trainer(config, data=args.data, output_dir=args.output_dir, resume=resume, tokenizer=tokenizer,
+    # a new run takes the preset and flags; a resumed one its own settings, with these flags applied where
+    # they may change on resume and refused where they may not
+    trainer = Trainer(config_from_args(args), config_overrides=requested, data=args.data,
+                      output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite, tokenizer=tokenizer,
                       backup=args.backup_dir)
+    config = trainer.config
     main_process = trainer.accelerator.is_main_process
     say = print if main_process else (lambda *a, **k: None)
     say(f"Spectra-NSA {config.size}: {trainer.accelerator.unwrap_model(trainer.model).num_parameters():,} "
         f"parameters, {trainer.total_steps} optimizer steps of {config.effective_batch_size * trainer.world} "
         f"triplets ({trainer.steps_per_epoch} per epoch, {trainer.world} process(es)), device {trainer.device}, "
-        f"precision {config.precision}")
+        f"precision {config.precision}" + (f", resuming at step {trainer.state.step}" if trainer.state.step else ""))
     dev = load_stsb("dev") if args.final_eval and main_process else None
     if dev is not None and trainer.state.step == 0:
         before = sts_spearman(nsa_encoder(trainer.accelerator.unwrap_model(trainer.model), tokenizer), dev)
@@ -116,12 +125,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = trainer.train()
     if not main_process:
         return 0
-    out = Path(args.output_dir) / "final"
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
     best = f"best quick STS {state.best_sts:.4f} (step {state.best_step})" if state.best_step >= 0 else "no quick STS"
-    say(f"done: step {state.step}, skipped steps {state.skipped}, {best}; model saved to {out}")
+    failed = [r for r in trainer.backup_results if not r.ok]
+    backups = ""
+    if trainer.backup_results:
+        backups = f"; backups: {len(trainer.backup_results) - len(failed)} ok, {len(failed)} failed"
+        if failed:
+            backups += f" (last: {failed[-1].name}: {failed[-1].error})"
+    say(f"done: step {state.step}, skipped steps {state.skipped}, {best}{backups}; model saved to {trainer.final_dir}")
     if dev is not None:
-        model = NSAModel.from_pretrained(out)
+        model = NSAModel.from_pretrained(trainer.final_dir)
         say(f"STS-B dev Spearman after training: {sts_spearman(nsa_encoder(model, tokenizer), dev):.4f}")
     return 0
 
@@ -173,10 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     t = sub.add_parser("train", help="train a model (resumable)")
-    _add_size(t)
+    t.add_argument("--size", help=f"preset of a new run: one of {', '.join(PRESETS)} (default M456); a resumed "
+                                  f"run keeps its own")
     t.add_argument("--data", default="snli", help="snli (offline), msmarco (Hub) or a .jsonl/.csv/.tsv/.parquet file")
     t.add_argument("--output-dir", default="runs/nsa", help="run folder: checkpoints/, metrics.jsonl, final/")
-    t.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output-dir) or a checkpoint folder")
+    t.add_argument("--resume", default=None,
+                   help="'auto' (the newest whole checkpoint in --output-dir or --backup-dir; a new run if none) or "
+                        "a checkpoint folder. The run keeps its settings; --max-steps, --epochs and the cadences "
+                        "may change, other differing flags are refused")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --output-dir already holds (without it, training refuses)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     t.add_argument("--seed", type=int)

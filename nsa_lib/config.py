@@ -99,7 +99,7 @@ class NSAConfig:
     health_warmup_steps: int = 5000
     early_stopping_patience: int = 9999
     seed: int = 42
-    max_train_samples: int = 100_000
+    max_train_samples: int | None = 100_000  # None: no cap
     val_ratio: float = 0.02
     precision: str = "no"
 
@@ -159,6 +159,11 @@ class NSAConfig:
         need(0.0 <= self.temperature_hold_fraction <= 1.0, "temperature_hold_fraction must be in [0, 1]")
         need(0.0 <= self.val_ratio < 1.0, f"val_ratio must be in [0, 1), got {self.val_ratio}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs} (0 epochs would save an untrained model)")
+        for name in ("save_every", "eval_every", "backup_every"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        need(self.max_train_samples is None or self.max_train_samples >= 1,
+             f"max_train_samples must be >= 1 or None (no cap), got {self.max_train_samples}")
 
     # presets and serialisation
 

@@ -272,15 +272,19 @@ TRIPLET_COLUMNS = (("anchor", "query"), ("positive",), ("negative",))
 
 
 def read_triplet_file(path: str | Path) -> list[Triplet]:
-    """Triplets from a .jsonl, .csv, .tsv or .parquet file with columns anchor (or query), positive, negative."""
+    """Triplets from a .jsonl, .csv, .tsv or .parquet file with columns anchor (or query), positive, negative.
+
+    CSV/TSV fields may be longer than the csv module's default limit (131,072 characters); a parquet file
+    that pyarrow cannot read raises `DataFileError` with pyarrow's reason.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a directory; expected a .jsonl, .csv, .tsv or .parquet file")
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import datasets
-
-        rows: Iterator[tuple[int, dict]] = enumerate(datasets.Dataset.from_parquet(str(path)), 2)
+        rows: Iterator[tuple[int, dict]] = enumerate(_parquet_rows(path), 2)
     else:
         try:
             text = path.read_bytes().decode("utf-8")
@@ -290,8 +294,7 @@ def read_triplet_file(path: str | Path) -> list[Triplet]:
         if suffix == ".jsonl":
             rows = _jsonl_rows(path, text)
         elif suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-            rows = enumerate(reader, 2)  # line 1 is the header
+            rows = _csv_rows(text, delimiter="\t" if suffix == ".tsv" else ",")
         else:
             raise DataFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     triplets = []
@@ -310,6 +313,30 @@ def read_triplet_file(path: str | Path) -> list[Triplet]:
     if not triplets:
         raise DataFileError(f"{path}: no triplets")
     return triplets
+
+
+def _parquet_rows(path: Path):
+    """The rows of a parquet file, as dicts; a file that pyarrow cannot read raises `DataFileError`."""
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.Dataset.from_parquet(str(path))
+    except (pyarrow.ArrowException, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        reason = str(e.__cause__ or e).strip() or type(e).__name__  # datasets wraps pyarrow's error
+        raise DataFileError(f"{path}: not a readable parquet file ({reason.splitlines()[0]})") from None
+
+
+def _csv_rows(text: str, delimiter: str) -> list[tuple[int, dict]]:
+    """The rows of a CSV/TSV text, numbered from 2 (line 1 is the header). The csv module refuses fields
+    over `csv.field_size_limit()` (131,072 characters by default), which a long passage exceeds; no field
+    is longer than the text, so the limit is raised to that for this read and restored afterwards."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, len(text)))
+    try:
+        return list(enumerate(csv.DictReader(io.StringIO(text), delimiter=delimiter), 2))
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:

@@ -9,9 +9,12 @@ Every optimizer step the trainer adds to its metrics record:
     embedding_std                  mean over dimensions of their std across the batch
     anomaly_mean / anomaly_std     of the anomaly score
     spectral_entropy               entropy of softmax(spectral), in nats
+    nonfinite_embeddings           fraction of NaN or infinite entries of those embeddings (0 when healthy)
 
-and `warnings`: the checks that fail, reported only after `health_warmup_steps` (default 5000, as the
-original, to avoid false alarms early on). Evaluations are compared with a real baseline measured on the
+A statistic whose inputs are not all finite is left out of the record rather than logged as NaN (and the
+SVD of NaN embeddings would raise). `warnings` lists the checks that fail, reported only after
+`health_warmup_steps` (default 5000, as the original, to avoid false alarms early on), except non-finite
+embeddings: they are a failure at any step. Evaluations are compared with a real baseline measured on the
 same pairs (all-MiniLM-L6-v2) and with the original's targets per preset.
 """
 from __future__ import annotations
@@ -51,30 +54,43 @@ def gradient_stats(named_parameters) -> dict[str, float]:
 
 @torch.no_grad()
 def embedding_stats(outputs: dict) -> dict[str, float]:
-    """Health of one batch of model outputs (the anchors' dict)."""
+    """Health of one batch of model outputs (the anchors' dict).
+
+    `nonfinite_embeddings` is always present. The statistics of the semantic embeddings (collapse,
+    effective rank, std) need them all finite: with a NaN the SVD raises, so they are left out; the anomaly
+    and spectral statistics are likewise left out when their own inputs are not finite.
+    """
     sem = outputs["embedding_semantic"]
-    z = F.normalize(sem[max(sem)].detach().float(), dim=-1)  # (B, D)
-    B = z.shape[0]
-    stats: dict[str, float] = {}
-    if B > 1:
+    raw = sem[max(sem)].detach().float()  # (B, D)
+    finite = torch.isfinite(raw)
+    stats: dict[str, float] = {"nonfinite_embeddings": float((~finite).float().mean())}
+    B = raw.shape[0]
+    if B > 1 and stats["nonfinite_embeddings"] == 0.0:
+        z = F.normalize(raw, dim=-1)
         cos = z @ z.T
         stats["collapse"] = float((cos.sum() - cos.diagonal().sum()) / (B * (B - 1)))
         singular = torch.linalg.svdvals(z - z.mean(0))
         p = singular / singular.sum().clamp_min(1e-12)
         stats["effective_rank"] = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
         stats["embedding_std"] = float(z.std(0).mean())
-        score = outputs["anomaly_score"].detach().float()
+    score = outputs["anomaly_score"].detach().float()
+    if B > 1 and bool(torch.isfinite(score).all()):
         stats["anomaly_mean"], stats["anomaly_std"] = float(score.mean()), float(score.std())
-    log_p = outputs["spectral"].detach().float().log_softmax(-1)
-    stats["spectral_entropy"] = float(-(log_p.exp() * log_p).sum(-1).mean())
+    spectral = outputs["spectral"].detach().float()
+    if bool(torch.isfinite(spectral).all()):
+        log_p = spectral.log_softmax(-1)
+        stats["spectral_entropy"] = float(-(log_p.exp() * log_p).sum(-1).mean())
     return stats
 
 
 def health_warnings(record: dict, config: NSAConfig, batch_size: int) -> list[str]:
-    """The failed checks for one metrics record, empty before the warm-up ends."""
-    if record.get("step", 0) < config.health_warmup_steps:
-        return []
+    """The failed checks for one metrics record; before the warm-up ends only non-finite embeddings."""
     found = []
+    nonfinite = record.get("nonfinite_embeddings", 0.0)
+    if nonfinite > 0:  # always a failure, so not held back by the warm-up
+        found.append(f"non-finite embeddings: {100 * nonfinite:.3g}% of entries are NaN or infinite")
+    if record.get("step", 0) < config.health_warmup_steps:
+        return found
     if record.get("collapse", 0.0) > COLLAPSE_MAX:
         found.append(f"embedding collapse: mean cosine between different sentences {record['collapse']:.3f}")
     dim = config.sem_dims[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -46,53 +45,16 @@ from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_tripl
 from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
+from .runfolder import (STATE_FILE, RunFolderExists, RunLock, checkpoint_name, clear_run,  # noqa: F401
+                        find_resume_checkpoint, list_checkpoints, previous_run, replace_folder, resumed_config,
+                        write_manifest)
 from .safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "ckpt-"
-STATE_FILE = "trainer_state.pt"
-
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row)."""
-
-
-# checkpoints
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def checkpoint_step(name: str) -> int:
-    """The optimizer step of a checkpoint folder name, ckpt-0000500 -> 500."""
-    return int(name[len(CHECKPOINT_PREFIX):])
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints under `folder` (a run folder or its checkpoints/), oldest first."""
-    folder = Path(folder)
-    if (folder / "checkpoints").is_dir():
-        folder = folder / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file() and (p / "model.safetensors").is_file()]
-    return sorted(found, key=lambda p: checkpoint_step(p.name))
-
-
-def find_resume_checkpoint(resume: str | None, *folders: str | Path | None) -> Path | None:
-    """'auto': the newest complete checkpoint in any of `folders` (by step); a path: that checkpoint."""
-    if resume in (None, "", "none"):
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_FILE})")
-        return path
-    candidates = [c for f in folders if f for c in list_checkpoints(f)]
-    return max(candidates, key=lambda p: checkpoint_step(p.name), default=None)
 
 
 def rng_state() -> dict:
@@ -130,6 +92,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (all processes together)
     skipped: int = 0
     consecutive_skips: int = 0
+    consecutive_nonfinite_losses: int = 0
     best_sts: float = -math.inf
     best_step: int = -1
     evals_without_improvement: int = 0  # for early stopping (patience in config.early_stopping_patience)
@@ -155,29 +118,46 @@ class Trainer:
     """Trains an NSAModel on triplets. `Trainer(config, data="snli", output_dir="runs/x").train()`.
 
     Args:
-        config: the model, loss and training settings (`NSAConfig`).
+        config: the model, loss and training settings (`NSAConfig`) of a new run. When resuming, the run's
+            own settings are used; where `config` differs from them, the difference is applied if it may
+            change on resume (steps, cadences: `runfolder.RESUME_MAY_CHANGE`) and refused otherwise.
         data: 'snli' (offline pack), 'msmarco' (Hub) or the path of a local triplet file.
-        output_dir: the run folder: checkpoints/, metrics.jsonl, config.json.
-        resume: None, 'auto' (the newest checkpoint in output_dir or in the backup) or a checkpoint folder.
+        output_dir: the run folder: checkpoints/, metrics.jsonl, config.json, best/, final/. One writer at
+            a time: a second trainer on the same folder raises `RunFolderBusy`.
+        resume: None (a new run), 'auto' (the newest whole checkpoint in output_dir or in the backup; a
+            new run if there is none) or a checkpoint folder.
+        overwrite: with `resume=None`, replace a run that output_dir already holds (else `RunFolderExists`).
+        config_overrides: instead of comparing `config`, only these fields (field -> value) are asked of a
+            resumed run (the command line passes the flags given explicitly).
         backup: where to copy a checkpoint every `config.backup_every` steps: a `FolderTarget`, a
             `DriveTarget`, or a string for `backup_target` (a folder path or 'gdrive:<folder-id>').
         callbacks: called with each metrics record (dict) as it is written, e.g. a live dashboard.
         eval_fn: `eval_fn(model, tokenizer) -> dict` run every `config.eval_every` steps on the main
-            process; its 'sts' value tracks the best checkpoint. Default: the quick STS-B check.
+            process; its 'sts' value tracks the best model (kept in best/). Default: the quick STS-B check.
+        max_consecutive_skips: skipped steps in a row (non-finite loss or gradient) that stop the run.
+        max_nonfinite_losses: steps in a row with a non-finite loss that stop the run (fewer: unlike an
+            fp16 gradient overflow, which the grad scaler corrects, a non-finite loss does not heal).
+
+    Nothing is written to output_dir before the checkpoint being resumed has loaded.
     """
 
     def __init__(self, config: NSAConfig, *, data: str = "snli", output_dir: str | Path = "runs/nsa",
-                 resume: str | None = None, callbacks: tuple[Callable[[dict], None], ...] = (),
-                 eval_fn: Callable | None = None, keep_checkpoints: int = 3, max_consecutive_skips: int = 20,
+                 resume: str | None = None, overwrite: bool = False, config_overrides: dict | None = None,
+                 callbacks: tuple[Callable[[dict], None], ...] = (), eval_fn: Callable | None = None,
+                 keep_checkpoints: int = 3, max_consecutive_skips: int = 20, max_nonfinite_losses: int = 3,
                  backup=None, backup_keep: int = 3, tokenizer=None, triplets=None, show_progress: bool = True):
         from accelerate import Accelerator
 
-        self.config = config
         self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (new or a run's)")
         self.callbacks = list(callbacks)
         self.keep_checkpoints = keep_checkpoints
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_nonfinite_losses = max_nonfinite_losses
         self.show_progress = show_progress
+        self.backup_results: list = []
+        self._best_needs_backup = False
         # mixed precision is ours (torch autocast); cpu=True where no accelerator is present, so that several
         # CPU processes (torchrun / accelerate launch) form a gloo process group
         no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -185,13 +165,73 @@ class Trainer:
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.state = TrainState()
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        self._build_batches(data, tokenizer, triplets)
-        self._build_model_and_optimizer()
-        self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
-        self._attach_backups_and_resume(backup, backup_keep, resume)
+        self.lock = RunLock(self.output_dir)
+        self._on_main(self.lock.acquire)  # the ranks of one run are one writer
+        try:
+            target = backup_target(backup) if isinstance(backup, str) else backup
+            self.backups = BackupManager(target, keep=backup_keep) if target is not None else None
+            checkpoint = self._resume_point(resume, overwrite)
+            if checkpoint is not None:
+                saved = NSAConfig.from_json(checkpoint / "config.json")
+                requested = config_overrides if config_overrides is not None else _differences(config, saved)
+                config = resumed_config(saved, requested)
+            self.config = config
+            torch.manual_seed(config.seed)
+            random.seed(config.seed)
+            np.random.seed(config.seed)
+            self._build_batches(data, tokenizer, triplets)
+            self._build_model_and_optimizer()
+            self.eval_fn = eval_fn if eval_fn is not None else default_eval_fn(config)
+            if checkpoint is not None:
+                self.load_checkpoint(checkpoint)
+            if self.accelerator.is_main_process:  # only now that the checkpoint has loaded
+                config.to_json(self.output_dir / "config.json")
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _on_main(self, fn: Callable[[], object]):
+        """Run `fn` on the main process; every process gets its result, or raises the error it raised."""
+        result, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised on every process below, so that no process waits forever
+                error = e
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [result, None if error is None else (type(error), str(error))]
+            broadcast_object_list(box)
+            result, raised = box
+            if raised is not None and error is None:
+                error = raised[0](raised[1])
+        if error is not None:
+            raise error
+        return result
+
+    def _resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
+        """The verified checkpoint to resume from (restored from the backup if needed, on the main process),
+        or None for a new run, after checking that a new run does not silently replace an old one."""
+        def on_main():
+            checkpoint = find_resume_checkpoint(resume, self.output_dir,
+                                                backup_target=self.backups.target if self.backups else None)
+            if checkpoint is None and resume is None:
+                found = previous_run(self.output_dir)
+                if found and not overwrite:
+                    raise RunFolderExists(
+                        f"{self.output_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
+                        f"auto, train into a new --output-dir, or pass --overwrite to replace it.")
+                if found:
+                    logger.warning("--overwrite: removing the earlier run in %s (%s)", self.output_dir, ", ".join(found))
+                    clear_run(self.output_dir)
+            if checkpoint is None and resume == "auto":
+                logger.info("no checkpoint to resume from in %s%s: a new run", self.output_dir,
+                            f" or {self.backups.target}" if self.backups else "")
+            return None if checkpoint is None else str(checkpoint)
+
+        found = self._on_main(on_main)
+        return None if found is None else Path(found)
 
     def _build_batches(self, data: str, tokenizer, triplets) -> None:
         """Tokenizer, train/validation split, length-grouped batches, and the number of optimizer steps."""
@@ -232,20 +272,6 @@ class Trainer:
         # fp16: a starting scale of 2^10, not 2^16, so that the first steps do not overflow and get skipped
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, enabled=c.precision == "fp16")
 
-    def _attach_backups_and_resume(self, backup, backup_keep: int, resume: str | None) -> None:
-        """The backup target, the run folder with its config.json, and the checkpoint to resume from (with
-        'auto', a newer backup is fetched first)."""
-        target = backup_target(backup) if isinstance(backup, str) else backup
-        self.backups = BackupManager(target, keep=backup_keep) if target is not None else None
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.config.to_json(self.output_dir / "config.json")
-        if resume == "auto" and self.backups is not None:
-            self._fetch_newer_backup()
-        checkpoint = find_resume_checkpoint(resume, self.output_dir)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
-
     # persistence
 
     @property
@@ -253,31 +279,43 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path | None:
-        """Write ckpt-<step>/ atomically; prune to `keep_checkpoints` newest plus the best."""
+        """Write ckpt-<step>/ (model, trainer state, manifest last) under a temporary name, then rename it;
+        prune to `keep_checkpoints` newest plus the best. A failed write (a full disk) leaves no partial folder."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         final = self.checkpoint_dir / checkpoint_name(self.state.step)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(), "rng": rng_state(), "state": self.state.__dict__,
-                    "total_steps": self.total_steps}, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(), "rng": rng_state(), "state": self.state.__dict__,
+                        "total_steps": self.total_steps}, tmp / STATE_FILE)
+            write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_folder(tmp, final)
         self._prune()
         return final
 
-    def _fetch_newer_backup(self) -> None:
-        """Copy the newest backup into checkpoints/ when it is newer than every local checkpoint (e.g. a
-        new Colab runtime whose disk is empty, with the backups on Drive)."""
-        remote = [n for n in self.backups.target.names() if n.startswith(CHECKPOINT_PREFIX)]
-        local = list_checkpoints(self.output_dir)
-        newest = max(remote, key=checkpoint_step, default=None)
-        if newest is not None and (not local or checkpoint_step(newest) > checkpoint_step(local[-1].name)):
-            logger.info("resuming from the backup %s in %s", newest, self.backups.target)
-            self.backups.target.download(newest, self.checkpoint_dir / newest)
+    def save_model(self, name: str) -> Path:
+        """The current model as `output_dir/<name>/` (config.json, model.safetensors, manifest.json), written
+        under a temporary name and swapped in whole. Used for best/ and final/ (main process only)."""
+        final = self.output_dir / name
+        tmp = final.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            if name == "best":
+                (tmp / "best.json").write_text(json.dumps({"step": self.state.best_step, "sts": self.state.best_sts}))
+            write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_folder(tmp, final)
+        return final
 
     def _prune(self) -> None:
         keep = set(list_checkpoints(self.checkpoint_dir)[-self.keep_checkpoints:])
@@ -287,6 +325,7 @@ class Trainer:
                 shutil.rmtree(ckpt, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, scaler, counters and RNG streams from a checkpoint folder."""
         path = Path(path)
         saved = load_torch_file(path / STATE_FILE, what="trainer state")  # never unpickles code (Drive backups)
         model = NSAModel.from_pretrained(path)
@@ -320,29 +359,49 @@ class Trainer:
             self.state.batch_in_epoch = 0
 
     def train(self) -> TrainState:
-        """Run until `total_steps` optimizer steps; returns the final state."""
+        """Run until `total_steps` optimizer steps, then save the model as `final/`; returns the final state.
+        The run folder's lock is held throughout and released at the end, also on an error."""
         from tqdm.auto import tqdm
 
-        self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", dynamic_ncols=True, mininterval=2.0,
-                   disable=not (self.show_progress and self.accelerator.is_main_process))
-        micro = self._micro_batches()
-        while self.state.step < self.total_steps:
-            record = self._optimizer_step(micro)
-            self._log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{record['temperature']:.3f}")
-            if self.state.consecutive_skips >= self.max_consecutive_skips:
-                raise TrainingStopped(f"{self.state.consecutive_skips} optimizer steps in a row had a non-finite "
-                                      f"loss or gradient (last at step {self.state.step}); lower --lr, or use "
-                                      f"--precision bf16 / no instead of fp16")
-            self._evaluate_save_and_back_up()
-            if self.state.stopped_early:
-                logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
-                               self.state.evals_without_improvement)
-                break
-        bar.close()
+        self._on_main(self.lock.acquire)  # again, if an earlier train() released it
+        try:
+            self.model.train()
+            bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", dynamic_ncols=True,
+                       mininterval=2.0, disable=not (self.show_progress and self.accelerator.is_main_process))
+            micro = self._micro_batches()
+            while self.state.step < self.total_steps:
+                record = self._optimizer_step(micro)
+                self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{record['temperature']:.3f}")
+                self._stop_if_stuck()
+                self._evaluate_save_and_back_up()
+                if self.state.stopped_early:
+                    logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
+                                   self.state.evals_without_improvement)
+                    break
+            bar.close()
+            if self.accelerator.is_main_process:
+                self.save_model("final")
+            self.accelerator.wait_for_everyone()
+        finally:
+            self.lock.release()
         return self.state
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output_dir / "final"
+
+    def _stop_if_stuck(self) -> None:
+        s = self.state
+        if s.consecutive_nonfinite_losses >= self.max_nonfinite_losses:
+            raise TrainingStopped(f"{s.consecutive_nonfinite_losses} optimizer steps in a row had a non-finite loss "
+                                  f"(last at step {s.step}): the weights have diverged; lower --lr (it is "
+                                  f"{self.config.lr:g}) and resume from an earlier checkpoint, or start again")
+        if s.consecutive_skips >= self.max_consecutive_skips:
+            raise TrainingStopped(f"{s.consecutive_skips} optimizer steps in a row had a non-finite loss or "
+                                  f"gradient (last at step {s.step}); lower --lr, or use --precision bf16 / no "
+                                  f"instead of fp16")
 
     def _optimizer_step(self, micro) -> dict:
         """Accumulate `grad_accum` micro-batches, then clip and step (or skip a non-finite step); returns the
@@ -361,6 +420,7 @@ class Trainer:
         health = {**gradient_stats(self.model.named_parameters()), **embedding_stats(anchors)}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm))
         skipped = not window_ok or not math.isfinite(grad_norm)  # the same on every process (see _accumulate)
+        self.state.consecutive_nonfinite_losses = 0 if window_ok else self.state.consecutive_nonfinite_losses + 1
         if skipped:
             self.scaler.update()  # lowers the fp16 scale when the gradients overflowed
             self.state.skipped += 1
@@ -421,8 +481,19 @@ class Trainer:
         if c.save_every and step % c.save_every == 0 or self.state.stopped_early or backup_due:
             checkpoint = self.save_checkpoint()
             if backup_due and checkpoint is not None:
-                result = self.backups.backup(checkpoint)
-                self._log({"step": step, "backup": result.__dict__, "target": repr(self.backups.target)})
+                self._back_up(checkpoint)
+
+    def _back_up(self, checkpoint: Path) -> None:
+        """Copy the checkpoint (keeping the best step's backup when pruning) and, if it changed since the
+        last backup, best/; each result goes to metrics.jsonl and `backup_results`."""
+        results = [self.backups.backup(checkpoint, keep_step=self.state.best_step)]
+        best = self.output_dir / "best"
+        if self._best_needs_backup and best.is_dir():
+            results.append(self.backups.backup(best, name="best"))
+            self._best_needs_backup = not results[-1].ok
+        for result in results:
+            self.backup_results.append(result)
+            self._log({"step": self.state.step, "backup": result.__dict__, "target": repr(self.backups.target)})
 
     def evaluate(self) -> dict:
         """Run `eval_fn` on the main process, log it, and track the best STS; every process learns whether
@@ -437,6 +508,8 @@ class Trainer:
                 if result["sts"] > self.state.best_sts:
                     self.state.best_sts, self.state.best_step = result["sts"], self.state.step
                     self.state.evals_without_improvement = 0
+                    self.save_model("best")  # whatever save_every is: the best model is never pruned away
+                    self._best_needs_backup = True
                 else:
                     self.state.evals_without_improvement += 1
                     self.state.stopped_early = (self.state.evals_without_improvement
@@ -459,6 +532,12 @@ def _fused_adamw_supported(device: torch.device) -> bool:
     CPU and CUDA in torch >= 2.4."""
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     return device.type in ("cpu", "cuda") and (major, minor) >= (2, 4)
+
+
+def _differences(config: NSAConfig, saved: NSAConfig) -> dict:
+    """The fields where `config` differs from `saved`: what a caller asks of a resumed run."""
+    ours, theirs = config.to_dict(), saved.to_dict()
+    return {k: v for k, v in ours.items() if theirs.get(k) != v}
 
 
 def _mean(values) -> float:

@@ -91,12 +91,22 @@ def test_overrides_apply_and_unknown_fields_are_rejected():
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(loss_weights={"sem": 1.0, "bogus": 2.0}), r"unknown loss terms \['bogus'\]"),
     (dict(sem_weights=[0.5, 0.5]), r"sem_weights .* one weight per sem_dims entry"),
+    (dict(epochs=0), r"epochs must be >= 1, got 0"),
+    (dict(save_every=-1), r"save_every must be >= 0 \(0 turns it off\), got -1"),
+    (dict(eval_every=-5), r"eval_every must be >= 0 \(0 turns it off\), got -5"),
+    (dict(backup_every=-1), r"backup_every must be >= 0 \(0 turns it off\), got -1"),
+    (dict(max_train_samples=0), r"max_train_samples must be >= 1 or None \(no cap\), got 0"),
 ])
 def test_invalid_settings_raise_helpful_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         NSAConfig.from_preset("M456", **overrides)
     with pytest.raises(ValueError, match=message):  # the constructor validates too, not only from_preset
         NSAConfig(**overrides)
+
+
+def test_zero_cadences_and_no_sample_cap_are_accepted():
+    cfg = NSAConfig.from_preset("tiny", save_every=0, eval_every=0, backup_every=0, max_train_samples=None)
+    assert (cfg.save_every, cfg.eval_every, cfg.backup_every, cfg.max_train_samples) == (0, 0, 0, None)
 
 
 def test_valid_precisions_and_poolings_are_accepted():

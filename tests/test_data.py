@@ -232,6 +232,38 @@ def test_bad_csv_and_encoding_and_type(tmp_path):
         read_triplet_file(tmp_path / "missing.jsonl")
 
 
+def test_directory_is_named_as_a_directory(tmp_path):
+    folder = tmp_path / "triplets.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataFileError, match=r"triplets\.jsonl: is a directory; expected a \.jsonl, \.csv, \.tsv "
+                                            r"or \.parquet file"):
+        read_triplet_file(folder)
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv"])
+def test_csv_field_longer_than_the_csv_module_limit_is_read_whole(tmp_path, ext):
+    import csv
+
+    passage = ("long passage " * 20_000)[:200_000]  # over the csv module's default limit of 131,072 characters
+    path = tmp_path / f"long.{ext}"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t" if ext == "tsv" else ",")
+        w.writerows([["query", "positive", "negative"], ["a question", passage, "unrelated"]])
+    limit = csv.field_size_limit()
+    assert read_triplet_file(path) == [Triplet("a question", passage, "unrelated")]
+    assert csv.field_size_limit() == limit  # restored after the read
+
+
+def test_corrupt_parquet_names_the_file(snli_train, tmp_path):
+    good = write_all_formats(snli_train[:50], tmp_path)["parquet"].read_bytes()
+    truncated, garbage = tmp_path / "truncated.parquet", tmp_path / "garbage.parquet"
+    truncated.write_bytes(good[:len(good) // 2])
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for path in (truncated, garbage):
+        with pytest.raises(DataFileError, match=rf"{path.name}: not a readable parquet file \(.+\)$"):
+            read_triplet_file(path)
+
+
 # split and batches
 
 

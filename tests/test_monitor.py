@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from nsa_lib import NSAConfig
-from nsa_lib.data import load_snli_triplets, load_tokenizer
+from nsa_lib import NSAConfig, NSAModel
+from nsa_lib.data import load_snli_triplets, load_tokenizer, pad_sequences
 from nsa_lib.evaluate import baseline_encoder, quick_sts_pairs, sts_spearman
 from nsa_lib.monitor import embedding_stats, gradient_stats, health_warnings
 from nsa_lib.trainer import Trainer
@@ -37,6 +37,42 @@ def test_orthogonal_embeddings_and_entropy():
     assert stats["anomaly_mean"] == pytest.approx(0.2) and stats["anomaly_std"] == pytest.approx(
         torch.tensor([0.1, 0.3] * 4).std().item())
     assert stats["spectral_entropy"] == pytest.approx(math.log(4))
+
+
+def tiny_model_outputs(tokenizer, sentences, *, nan_weights=False):
+    """A real forward pass of the tiny preset on `sentences`, its weights all NaN if `nan_weights` (what a
+    huge learning rate leaves behind)."""
+    torch.manual_seed(0)
+    model = NSAModel(NSAConfig.from_preset("tiny")).eval()
+    if nan_weights:
+        for p in model.parameters():
+            p.data.fill_(float("nan"))
+    with torch.no_grad():
+        return model(**pad_sequences(tokenizer(sentences)["input_ids"]))
+
+
+@pytest.mark.parametrize("nan_rows, nan_weights, shown", [(3, False, "37.5%"), (0, True, "100%")])
+def test_nonfinite_embeddings_are_measured_and_warned_at_any_step(data, nan_rows, nan_weights, shown):
+    tokenizer, triplets = data
+    out = tiny_model_outputs(tokenizer, [t.anchor for t in triplets[:8]], nan_weights=nan_weights)
+    out["embedding_semantic"][64][:nan_rows] = float("nan")  # 3 of 8 sentences NaN: 37.5% of the entries
+    stats = embedding_stats(out)  # the SVD of NaN embeddings raised here
+    assert stats["nonfinite_embeddings"] == pytest.approx(1.0 if nan_weights else 3 / 8)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert not {"collapse", "effective_rank", "embedding_std"} & set(stats)
+    if not nan_weights:  # the rank head's outputs are still finite and still reported
+        assert {"anomaly_mean", "anomaly_std", "spectral_entropy"} <= set(stats)
+    config = NSAConfig.from_preset("tiny", health_warmup_steps=5000)
+    assert health_warnings({"step": 1, "loss": 1.0, **stats}, config, batch_size=8) == [
+        f"non-finite embeddings: {shown} of entries are NaN or infinite"]
+
+
+def test_finite_model_outputs_report_no_nonfinite_embeddings(data):
+    tokenizer, triplets = data
+    stats = embedding_stats(tiny_model_outputs(tokenizer, [t.anchor for t in triplets[:8]]))
+    assert stats["nonfinite_embeddings"] == 0.0
+    assert {"collapse", "effective_rank", "embedding_std", "anomaly_mean", "spectral_entropy"} <= set(stats)
+    assert health_warnings({"step": 1, **stats}, NSAConfig.from_preset("tiny"), batch_size=8) == []
 
 
 def test_gradient_stats_by_hand():
@@ -87,7 +123,8 @@ def test_training_records_carry_health_and_early_stopping_stops(tmp_path, data):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     for key in ("grad_norm_mean", "grad_norm_std", "grad_norm_max", "dead_grad_ratio", "collapse",
-                "effective_rank", "embedding_std", "anomaly_mean", "anomaly_std", "spectral_entropy", "warnings"):
+                "effective_rank", "embedding_std", "anomaly_mean", "anomaly_std", "spectral_entropy",
+                "nonfinite_embeddings", "warnings"):
         assert all(key in r for r in steps), key
     assert steps[0]["spectral_entropy"] == pytest.approx(-steps[0]["loss_spec"], rel=0.05)  # same batch family
     assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["ckpt-0000008"]  # saved on stopping

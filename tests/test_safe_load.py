@@ -18,6 +18,7 @@ from nsa_lib.backup import BackupManager, FolderTarget
 from nsa_lib.cli import main
 from nsa_lib.data import load_snli_triplets, load_tokenizer
 from nsa_lib.safe_load import UnsafeFileError, load_torch_file
+from nsa_lib.runfolder import write_manifest
 from nsa_lib.trainer import STATE_FILE, Trainer, list_checkpoints
 
 from .drive_standin import DriveStandIn
@@ -66,11 +67,13 @@ def trained_run(tmp_path_factory, data):
 
 def poisoned_copy(trained_run, where, step=99):
     """A copy of the run's newest checkpoint as ckpt-<step>, its trainer_state.pt replaced by the payload
-    (inside an otherwise ordinary state dict). Returns (checkpoint folder, marker)."""
+    (inside an otherwise ordinary state dict) and its manifest rewritten to match, as an attacker would.
+    Returns (checkpoint folder, marker)."""
     ckpt = where / f"ckpt-{step:07d}"
     shutil.copytree(list_checkpoints(trained_run)[-1], ckpt)
     marker = where / "state.ran"
     torch.save({"state": {"step": step}, "rng": CreatesMarker(marker)}, ckpt / STATE_FILE)
+    write_manifest(ckpt)
     return ckpt, marker
 
 
