@@ -317,13 +317,13 @@ def read_triplet_file(path: str | Path) -> list[Triplet]:
 
 def _parquet_rows(path: Path):
     """The rows of a parquet file, as dicts; a file that pyarrow cannot read raises `DataFileError`."""
-    import datasets
     import pyarrow
+    import pyarrow.parquet
 
-    try:
-        return datasets.Dataset.from_parquet(str(path))
-    except (pyarrow.ArrowException, OSError, datasets.exceptions.DatasetGenerationError) as e:
-        reason = str(e.__cause__ or e).strip() or type(e).__name__  # datasets wraps pyarrow's error
+    try:  # pyarrow itself (a dependency of datasets): no cache folder, no log lines of its own
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        reason = str(e).strip() or type(e).__name__
         raise DataFileError(f"{path}: not a readable parquet file ({reason.splitlines()[0]})") from None
 
 

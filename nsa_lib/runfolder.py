@@ -111,14 +111,15 @@ def verify_folder(folder: Path, *, hashes: bool = True) -> str | None:
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Checkpoint folders under `folder` (a run folder or its checkpoints/), oldest first: named
-    ckpt-<step>, with a model and a trainer state. Whether they are whole is `verify_folder`'s question."""
+    ckpt-<step>, with a manifest (or, written before manifests, a model and a trainer state). Whether they
+    are whole is `checkpoint_problem`'s question."""
     folder = Path(folder)
     if (folder / "checkpoints").is_dir():
         folder = folder / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and is_checkpoint_name(p.name)
-             and (p / STATE_FILE).is_file() and (p / "model.safetensors").is_file()]
+    found = [p for p in folder.iterdir() if p.is_dir() and is_checkpoint_name(p.name) and (
+        (p / MANIFEST_FILE).is_file() or ((p / STATE_FILE).is_file() and (p / "model.safetensors").is_file()))]
     return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
