@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import format_bytes
 from .runfolder import checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ class FolderTarget:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+
+    def free_bytes(self) -> int:
+        """Free space on the filesystem that holds the folder (its nearest existing parent)."""
+        folder = self.root
+        while not folder.exists():
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
 
     def delete(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
@@ -154,6 +162,12 @@ class DriveTarget:
         folder["title"] = name
         folder.Upload()  # a metadata-only update: the rename
 
+    def free_bytes(self) -> int | None:
+        """What the Drive quota leaves (None for an unlimited quota)."""
+        about = self.drive.GetAbout()
+        total, used = int(about.get("quotaBytesTotal") or 0), int(about.get("quotaBytesUsed") or 0)
+        return total - used if total else None
+
     def names(self) -> list[str]:
         return sorted(f["title"] for f in self._children(self.folder_id, f"mimeType = '{DRIVE_FOLDER_MIME}'")
                       if not f["title"].endswith(".tmp"))
@@ -233,6 +247,8 @@ class BackupResult:
     attempts: int
     seconds: float
     error: str | None = None
+    bytes: int = 0  # the size of what was copied
+    space_warning: str | None = None  # set when the target looked too full before the copy
 
 
 class BackupManager:
@@ -246,19 +262,36 @@ class BackupManager:
         checkpoint backups, keeping the newest `keep` and the one of `keep_step` (the best step)."""
         name = name or source.name
         started, error = time.perf_counter(), None
+        size = sum(p.stat().st_size for p in _files(source))
+        space_warning = self._space_warning(name, size)
         for attempt in range(1, self.retries + 1):
             try:
                 self.target.upload(source, name)
                 self._prune(keep_step)
-                logger.info("backed up %s to %s", name, self.target)
-                return BackupResult(name, True, attempt, time.perf_counter() - started)
+                logger.info("backed up %s (%.1f MiB) to %s", name, size / 2**20, self.target)
+                return BackupResult(name, True, attempt, time.perf_counter() - started, None, size, space_warning)
             except Exception as e:  # any failure of the copy: retry, then report
                 error = f"{type(e).__name__}: {e}"
                 logger.warning("backup of %s to %s failed (attempt %d/%d): %s", name, self.target,
                                attempt, self.retries, error)
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2 ** (attempt - 1))
-        return BackupResult(name, False, self.retries, time.perf_counter() - started, error)
+        return BackupResult(name, False, self.retries, time.perf_counter() - started, error, size, space_warning)
+
+    def _space_warning(self, name: str, size: int) -> str | None:
+        """A warning when the target has less free space than this copy needs (the copy is tried anyway:
+        pruning, or a quota that is not enforced to the byte, may still let it through)."""
+        try:
+            free = self.target.free_bytes()
+        except Exception as e:  # a target that cannot say: no warning, the copy will tell
+            logger.debug("free space of %s unknown: %s", self.target, e)
+            return None
+        if free is None or free >= size:
+            return None
+        warning = (f"{self.target} has {format_bytes(free)} free, the backup {name} needs {format_bytes(size)}: "
+                   f"free some space (older runs' backups, the Drive trash) or the backups will fail; training goes on")
+        logger.warning(warning)
+        return warning
 
     def _prune(self, keep_step: int | None = None) -> None:
         """Delete old checkpoint backups: only this manager's own `ckpt-<step>` folders (complete, hence

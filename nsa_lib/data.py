@@ -256,16 +256,47 @@ def load_snli_triplets(split: str = "train") -> list[Triplet]:
             if "entailment" in h and "contradiction" in h and h["entailment"] != h["contradiction"]]
 
 
-def load_msmarco_triplets(max_samples: int | None = None) -> list[Triplet]:
-    """The original's training data: sentence-transformers/msmarco-bm25, config triplet-hard (Hub only)."""
+MSMARCO = ("sentence-transformers/msmarco-bm25", "triplet-hard")
+SHUFFLE_BUFFER_ROWS = 10_000
+
+
+def load_msmarco_triplets(max_samples: int | None = None, *, seed: int = 42) -> list[Triplet]:
+    """The original's training data: sentence-transformers/msmarco-bm25, config triplet-hard (Hub only),
+    streamed: `max_samples` triplets from a buffered shuffle with `seed` (see `stream_triplets`), without
+    downloading or preparing the whole config (40 parquet files)."""
     if not hub_reachable():
         raise DataSourceError("msmarco-bm25 needs the Hugging Face Hub, which cannot be reached from here; "
                               "use --data snli (offline) or a local triplet file")
-    import datasets
+    return stream_triplets(*MSMARCO, max_samples=max_samples, seed=seed)
 
-    split = "train" if max_samples is None else f"train[:{max_samples}]"
-    rows = datasets.load_dataset("sentence-transformers/msmarco-bm25", "triplet-hard", split=split)
-    return [Triplet(r["query"], r["positive"], r["negative"]) for r in rows]
+
+def stream_triplets(path: str, name: str | None = None, *, max_samples: int | None, seed: int = 42,
+                    columns: tuple[str, str, str] = ("query", "positive", "negative"), split: str = "train",
+                    buffer_size: int = SHUFFLE_BUFFER_ROWS, **load_kwargs) -> list[Triplet]:
+    """`max_samples` triplets streamed from `datasets.load_dataset(path, name, split=split, streaming=True,
+    **load_kwargs)`, read from `columns` (anchor, positive, negative) after a seeded buffered shuffle.
+
+    The shuffle is `IterableDataset.shuffle(seed, buffer_size)`: the seed shuffles the order of the
+    dataset's shards (its files), and rows are then drawn at random from a buffer of `buffer_size` rows
+    that fills as the stream is read (recent `datasets` fill it from up to 10 shards at a time). Reading
+    stops after `max_samples` rows, so the sample is random only among the first ~max_samples + buffer_size
+    rows of the shards that come first: it is not a uniform sample of the whole dataset, but another seed
+    gives other shards and other rows, and the same seed the same triplets in the same order.
+    `max_samples=None` reads the whole stream.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
+    stream = datasets.load_dataset(path, name, split=split, streaming=True, **load_kwargs)
+    stream = stream.select_columns(list(columns)).shuffle(seed=seed, buffer_size=buffer_size)
+    if max_samples is not None:
+        stream = stream.take(max_samples)
+    source = path if name is None else f"{path}/{name}"
+    triplets = [Triplet(*(row[c] for c in columns))
+                for row in tqdm(stream, total=max_samples, desc=f"streaming {source}", unit=" triplets")]
+    logger.info("%d triplets streamed from %s (seed %d, shuffle buffer %d rows)", len(triplets), source, seed,
+                buffer_size)
+    return triplets
 
 
 TRIPLET_COLUMNS = (("anchor", "query"), ("positive",), ("negative",))
@@ -352,10 +383,11 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield line, row
 
 
-def load_triplets(source: str, *, max_samples: int | None = None) -> list[Triplet]:
-    """'msmarco' (Hub), 'snli' (offline pack) or the path of a local file."""
+def load_triplets(source: str, *, max_samples: int | None = None, seed: int = 42) -> list[Triplet]:
+    """'msmarco' (Hub, streamed: `max_samples` triplets of a buffered shuffle with `seed`), 'snli' (offline
+    pack) or the path of a local file (these two: the first `max_samples` in file order)."""
     if source == "msmarco":
-        return load_msmarco_triplets(max_samples)
+        return load_msmarco_triplets(max_samples, seed=seed)
     triplets = load_snli_triplets("train") if source == "snli" else read_triplet_file(source)
     return triplets[:max_samples] if max_samples else triplets
 

@@ -1,13 +1,20 @@
-"""Where a notebook runs and what it should do there: Colab or not, which GPU, a backup folder on Drive,
-the preset that fits, and the run configuration that the notebooks pass to each other.
+"""Where a notebook runs and what it should do there: Colab or not, which accelerator, the run folder on
+Drive that the notebooks share, and a plan (preset and steps) that finishes in the time given.
 
-    env = detect_environment()                  # Colab? GPU name and memory? CI smoke mode?
-    backup = mount_drive_folder("nsa/run1")      # /content/drive/MyDrive/nsa/run1, or a local fallback
-    preset = choose_preset(env)                  # the largest preset whose training step fits the GPU
-    save_run_config({...}); read_run_config()    # 01_setup writes it, 02_train and 03_monitor read it
+    env = detect_environment()                 # Colab? GPU, TPU or CPU? CI smoke mode?
+    drive, note = mount_drive()                # MyDrive (Colab), $NSA_FAKE_DRIVE (tests, CI), or None
+    run = RunPaths.for_run("run1", drive)      # MyDrive/spectra-nsa/run1/ (or runs/run1/ without Drive)
+    plan = plan_run(env, hours=3)              # preset, precision and steps timed on this hardware
+    save_run_config(run, {...}); read_run_config(run)   # 01_setup writes it, 02 and 03 read it, by name
 
-Nothing here imports Colab at module level: `google.colab` is only touched inside `mount_drive_folder`
-when running in Colab.
+In Colab every notebook, and every reconnect, gets a fresh runtime with an empty disk: Drive is the only
+thing runtimes share. So a run is one folder on Drive holding run_config.json, metrics.jsonl, the
+backups, best/ and final/; working checkpoints stay on the runtime's fast local disk (`RunPaths.work`)
+and reach Drive as backups. `NSA_FAKE_DRIVE=<folder>` makes that folder stand for MyDrive, through the
+same code path as the real mount, so that tests and CI run the notebooks as separate runtimes sharing
+only it.
+
+Nothing here imports Colab at module level: `google.colab` is only touched inside `mount_drive`.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,8 +32,9 @@ from .config import largest_preset_that_fits
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = Path(os.environ.get("NSA_RUN_CONFIG", "runs/run_config.json"))
 DRIVE_ROOT = Path("/content/drive")
+RUN_CONFIG_FILE = "run_config.json"
+PROJECT_FOLDER = "spectra-nsa"  # MyDrive/spectra-nsa/<run name>/
 
 
 @dataclass
@@ -36,19 +45,27 @@ class Environment:
     gpu_memory_bytes: int | None
     bf16_supported: bool
     cpu_count: int
+    tpu: bool = False  # a Colab TPU runtime: this project does not train on TPUs
 
     def describe(self) -> str:
-        gpu = f"{self.gpu_name} ({self.gpu_memory_bytes / 2**30:.1f} GiB)" if self.gpu_name else "no GPU"
-        return (f"{'Colab' if self.in_colab else 'local machine'}, {gpu}, {self.cpu_count} CPU cores"
+        if self.gpu_name:
+            device = f"{self.gpu_name} ({self.gpu_memory_bytes / 2**30:.1f} GiB)"
+        elif self.tpu:
+            device = "a TPU runtime (not used: training runs on the CPU, ~100x slower than a GPU)"
+        else:
+            device = "no GPU (training runs on the CPU, ~100x slower than a GPU)"
+        return (f"{'Colab' if self.in_colab else 'local machine'}, {device}, {self.cpu_count} CPU cores"
                 + (", CI smoke mode" if self.smoke else ""))
 
 
 def detect_environment() -> Environment:
     gpu = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if gpu else None
+    tpu = bool(os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME") or Path("/dev/accel0").exists())
     return Environment(in_colab="google.colab" in sys.modules, smoke=bool(os.environ.get("CI")),
                        gpu_name=props.name if props else None, gpu_memory_bytes=props.total_memory if props else None,
-                       bf16_supported=bool(gpu and torch.cuda.is_bf16_supported()), cpu_count=os.cpu_count() or 1)
+                       bf16_supported=bool(gpu and torch.cuda.is_bf16_supported()), cpu_count=os.cpu_count() or 1,
+                       tpu=tpu)
 
 
 def choose_preset(env: Environment) -> tuple[str, str, bool]:
@@ -64,29 +81,168 @@ def choose_preset(env: Environment) -> tuple[str, str, bool]:
     return name, precision, checkpointing
 
 
-def mount_drive_folder(subfolder: str, *, fallback: str | Path = "runs/backups") -> tuple[Path, str]:
-    """A folder for backups: on Drive in Colab (mounting it if needed), else `fallback`. Returns the folder
-    and a sentence saying what happened (a failed mount falls back with the reason, it does not raise)."""
-    fallback = Path(fallback) / subfolder
+# a plan that finishes
+
+PLAN_MARGIN = 0.85  # of the time given, for training steps; the rest for evaluations, checkpoints, backups
+MIN_STEPS = 2000  # fewer optimizer steps than this teach a from-scratch preset little: take a smaller one
+
+
+@dataclass
+class Plan:
+    """What to train in the time given, and why: `reason` is the sentence a notebook prints."""
+
+    preset: str
+    precision: str
+    gradient_checkpointing: bool
+    max_steps: int
+    seconds_per_step: float
+    reason: str
+
+
+def seconds_per_step(preset: str, precision: str, gradient_checkpointing: bool, *, timed: int = 2,
+                     warmup: int = 1) -> float:
+    """Seconds per optimizer step of `preset` on this machine's accelerator (or CPU), measured: the model,
+    AdamW and the seven losses on random tokens at the preset's max_length, batch and accumulation."""
+    from .config import NSAConfig
+    from .losses import NSALoss
+    from .model import NSAModel
+    from .trainer import split_outputs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = NSAConfig.from_preset(preset, precision=precision, gradient_checkpointing=gradient_checkpointing)
+    model = NSAModel(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    loss_fn = NSALoss(config, gather=False)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ids = torch.randint(1000, config.vocab_size, (3 * config.batch_train, config.max_length), device=device)
+    mask = torch.ones_like(ids)
+
+    def step():
+        for _ in range(config.grad_accum):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(*split_outputs(model(input_ids=ids, attention_mask=mask), 3), temperature=0.07)
+            scaler.scale(loss.total / config.grad_accum).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(timed):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / timed  # the model and optimizer are freed on return
+
+
+def plan_run(env: Environment, hours: float, *, preset: str | None = None, smoke_steps: int = 6) -> Plan:
+    """The largest preset that fits this machine and trains at least MIN_STEPS optimizer steps in
+    `hours` (PLAN_MARGIN of it), with as many steps as fit, from a few steps timed here.
+
+    On a GPU, the candidates are the presets whose training step fits its memory, largest first; on a
+    CPU or TPU runtime, `mini` then `tiny` (said as such). In smoke mode (CI): `tiny`, `smoke_steps` steps,
+    through the same timing code. `preset` fixes the preset (the steps are still planned for `hours`).
+    """
+    if hours <= 0:
+        raise ValueError(f"HOURS must be positive, got {hours}")
+    budget = hours * 3600 * PLAN_MARGIN
+    if env.smoke:
+        spent = seconds_per_step("tiny", "no", False, timed=1, warmup=1)
+        return Plan("tiny", "no", False, smoke_steps, spent,
+                    f"CI smoke mode: tiny, {smoke_steps} steps ({spent:.2f} s per step measured here)")
+    if env.gpu_memory_bytes is None:
+        candidates = [("mini", "no", False), ("tiny", "no", False)]
+        where = "no GPU on this runtime" + (" (a TPU runtime: not used by this project)" if env.tpu else "")
+    else:
+        precision = "bf16" if env.bf16_supported else "fp16"
+        best, checkpointing = choose_preset(env)[0], choose_preset(env)[2]
+        order = ["M1B", "M700", "M600", "M456", "mini"]
+        candidates = [(name, precision, checkpointing if name == best else False) for name in order[order.index(best):]]
+        where = f"{env.gpu_name}, {precision}"
+    if preset is not None:
+        from .config import NSAConfig
+
+        name, precision = NSAConfig.from_preset(preset).size, candidates[0][1]
+        checkpointing = False
+        if env.gpu_memory_bytes is not None:  # checkpointing on if the step only fits with it (or not at all)
+            checkpointing = largest_preset_that_fits(env.gpu_memory_bytes, precision=precision, candidates=(name,))[1]
+        candidates = [(name, precision, checkpointing)]
+        where += f", preset {name} as asked"
+    tried = []
+    for name, precision, checkpointing in candidates:
+        per_step = seconds_per_step(name, precision, checkpointing)
+        steps = int(budget / per_step)
+        tried.append(f"{name} {per_step:.2f} s/step")
+        if steps >= MIN_STEPS or (name, precision, checkpointing) == candidates[-1]:
+            reason = (f"{where}: {name} takes {per_step:.2f} s per optimizer step here, so {steps:,} steps fill "
+                      f"{hours:g} h ({PLAN_MARGIN:.0%} of it; the rest for evaluations and backups)")
+            if len(tried) > 1:
+                reason += f"; larger presets would train fewer than {MIN_STEPS:,} steps ({', '.join(tried[:-1])})"
+            if env.gpu_memory_bytes is None:
+                reason += ". A GPU runtime (Runtime > Change runtime type) trains ~100x faster"
+            return Plan(name, precision, checkpointing, max(steps, 1), per_step, reason)
+    raise AssertionError("unreachable: the last candidate always returns")
+
+
+def mount_drive() -> tuple[Path | None, str]:
+    """MyDrive, and a sentence saying where it came from: `$NSA_FAKE_DRIVE` if set (a local folder that
+    stands for Drive in tests and CI), else Google Drive mounted in Colab, else None (no Drive: runs live
+    in a local folder). A failed mount returns None with the reason; it does not raise."""
+    fake = os.environ.get("NSA_FAKE_DRIVE")
+    if fake:
+        folder = Path(fake).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder, f"NSA_FAKE_DRIVE: {folder} stands for MyDrive"
     if "google.colab" not in sys.modules:
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback, f"not in Colab: backups go to the local folder {fallback}"
+        return None, "not in Colab and no NSA_FAKE_DRIVE: runs live in the local folder runs/"
     try:
         if not (DRIVE_ROOT / "MyDrive").is_dir():
             from google.colab import drive
 
             drive.mount(str(DRIVE_ROOT))
-        folder = DRIVE_ROOT / "MyDrive" / subfolder
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder, f"Google Drive mounted: backups go to {folder}"
-    except Exception as e:  # a refused or failed mount: keep working, say where the backups go instead
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback, (f"Google Drive could not be mounted ({type(e).__name__}: {e}); backups go to "
-                          f"{fallback} on this runtime's disk, which is lost when it resets")
+        return DRIVE_ROOT / "MyDrive", "Google Drive mounted at /content/drive/MyDrive"
+    except Exception as e:  # a refused or failed mount: keep working, say what it means
+        return None, (f"Google Drive could not be mounted ({type(e).__name__}: {e}); the run lives on this "
+                      f"runtime's disk, which is lost when it resets")
 
 
-def save_run_config(settings: dict, path: str | Path | None = None) -> Path:
-    path = Path(path or RUN_CONFIG)
+@dataclass
+class RunPaths:
+    """Where one run's files go. `folder` is shared (Drive): run_config.json, metrics.jsonl, config.json,
+    backups/, best/, final/, dashboard.png. `work` is this runtime's local disk: working checkpoints."""
+
+    name: str
+    folder: Path
+    work: Path
+    on_drive: bool
+
+    @classmethod
+    def for_run(cls, name: str, drive: Path | None) -> "RunPaths":
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"RUN_NAME {name!r}: give a plain folder name such as 'run1'")
+        if drive is None:
+            folder = Path("runs") / name
+            return cls(name, folder, folder / "checkpoints", False)
+        local = Path("/content/nsa-work") if "google.colab" in sys.modules else Path("work")
+        return cls(name, drive / PROJECT_FOLDER / name, local / name / "checkpoints", True)
+
+    @property
+    def backups(self) -> Path:
+        return self.folder / "backups"
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / RUN_CONFIG_FILE
+
+
+def save_run_config(run: RunPaths, settings: dict) -> Path:
+    """Write the run's settings (preset, precision, data, the plan and the machine it was made on) into
+    its folder, atomically."""
+    path = run.config_file
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(settings, indent=2, default=str) + "\n")
@@ -94,11 +250,32 @@ def save_run_config(settings: dict, path: str | Path | None = None) -> Path:
     return path
 
 
-def read_run_config(path: str | Path | None = None) -> dict:
-    path = Path(path or RUN_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"no run configuration at {path}: run notebooks/01_setup.ipynb first")
-    return json.loads(path.read_text())
+def read_run_config(run: RunPaths) -> dict:
+    """The settings 01_setup wrote for this run, from its folder (on Drive: any runtime finds them)."""
+    if not run.config_file.is_file():
+        where = "on Drive" if run.on_drive else "on this machine"
+        raise FileNotFoundError(f"no run named {run.name!r} {where} (no {run.config_file}): run 01_setup with "
+                                f"RUN_NAME = {run.name!r} first, or set RUN_NAME to an existing run")
+    return json.loads(run.config_file.read_text())
+
+
+def differences_from_setup(run_config: dict, env: Environment) -> list[str]:
+    """What differs between the machine the run was planned on and this one, in sentences (empty if
+    nothing that matters). The run keeps its preset and precision; this says what that means here."""
+    planned = run_config.get("environment", {})
+    notes = []
+    if planned.get("gpu_name") != env.gpu_name:
+        notes.append(f"this runtime has {env.gpu_name or 'no GPU'}, the run was planned on "
+                     f"{planned.get('gpu_name') or 'no GPU'}: it keeps its preset {run_config.get('preset')} "
+                     f"and precision {run_config.get('precision')}; steps will take a different time")
+    if run_config.get("precision") == "bf16" and env.gpu_name and not env.bf16_supported:
+        notes.append(f"{env.gpu_name} has no bf16: this run (planned in bf16) will be slow here; "
+                     f"a T4 wants fp16, which a new run would choose")
+    if env.gpu_memory_bytes and planned.get("gpu_memory_bytes") and env.gpu_memory_bytes < planned["gpu_memory_bytes"]:
+        notes.append(f"this GPU has less memory ({env.gpu_memory_bytes / 2**30:.0f} GiB, planned on "
+                     f"{planned['gpu_memory_bytes'] / 2**30:.0f} GiB): the run may not fit; gradient "
+                     f"checkpointing ({run_config.get('gradient_checkpointing')}) may be turned on when resuming")
+    return notes
 
 
 def environment_dict(env: Environment) -> dict:

@@ -281,12 +281,14 @@ def restore_backup(target, name: str, checkpoints_dir: Path) -> Path | None:
     return checkpoints_dir / name
 
 
-def find_resume_checkpoint(resume: str | None, *folders: str | Path | None, backup_target=None) -> Path | None:
+def find_resume_checkpoint(resume: str | None, *folders: str | Path | None, backup_target=None,
+                           restore_into: str | Path | None = None) -> Path | None:
     """The checkpoint a run resumes from, verified.
 
     None or 'none': none. A path: that checkpoint; `CheckpointCorrupt` if it fails its manifest. 'auto':
     the newest checkpoint that verifies, among the local ones under `folders` and the backups in
-    `backup_target` (a backup is restored into the first folder's checkpoints/ before it is used). A
+    `backup_target` (a backup is restored into `restore_into`, default the first folder's checkpoints/,
+    before it is used). A
     checkpoint that fails is skipped with a warning saying which and why, and the next older one is tried.
     """
     if resume in (None, "", "none"):
@@ -309,8 +311,8 @@ def find_resume_checkpoint(resume: str | None, *folders: str | Path | None, back
             if problem is None:
                 return local[name]
             logger.warning("skipping the checkpoint %s: %s", local[name], problem)
-        if name in remote and folders:
-            restored = restore_backup(backup_target, name, folders[0] / "checkpoints")
+        if name in remote and (folders or restore_into):
+            restored = restore_backup(backup_target, name, Path(restore_into or folders[0] / "checkpoints"))
             if restored is not None:
                 return restored
     return None

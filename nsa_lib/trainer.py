@@ -24,6 +24,7 @@ temperature, grad_norm, skipped, ...), every evaluation another; dashboards read
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -129,8 +130,10 @@ class Trainer:
         overwrite: with `resume=None`, replace a run that output_dir already holds (else `RunFolderExists`).
         config_overrides: instead of comparing `config`, only these fields (field -> value) are asked of a
             resumed run (the command line passes the flags given explicitly).
-        backup: where to copy a checkpoint every `config.backup_every` steps: a `FolderTarget`, a
-            `DriveTarget`, or a string for `backup_target` (a folder path or 'gdrive:<folder-id>').
+        backup: where to copy a checkpoint every `config.backup_every` steps, at the end and on an interrupt:
+            a `FolderTarget`, a `DriveTarget`, or a string for `backup_target` (a folder or 'gdrive:<id>').
+        checkpoint_dir: where working checkpoints go (default output_dir/checkpoints); in Colab, fast local
+            disk while output_dir (metrics, best/, final/) and the backups are on Drive.
         callbacks: called with each metrics record (dict) as it is written, e.g. a live dashboard.
         eval_fn: `eval_fn(model, tokenizer) -> dict` run every `config.eval_every` steps on the main
             process; its 'sts' value tracks the best model (kept in best/). Default: the quick STS-B check.
@@ -145,10 +148,12 @@ class Trainer:
                  resume: str | None = None, overwrite: bool = False, config_overrides: dict | None = None,
                  callbacks: tuple[Callable[[dict], None], ...] = (), eval_fn: Callable | None = None,
                  keep_checkpoints: int = 3, max_consecutive_skips: int = 20, max_nonfinite_losses: int = 3,
-                 backup=None, backup_keep: int = 3, tokenizer=None, triplets=None, show_progress: bool = True):
+                 backup=None, backup_keep: int = 3, tokenizer=None, triplets=None, show_progress: bool = True,
+                 checkpoint_dir: str | Path | None = None):
         from accelerate import Accelerator
 
         self.output_dir = Path(output_dir)
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (new or a run's)")
         self.callbacks = list(callbacks)
@@ -158,6 +163,7 @@ class Trainer:
         self.show_progress = show_progress
         self.backup_results: list = []
         self._best_needs_backup = False
+        self._window = None  # (state, RNG) at the start of the optimizer step in progress
         # mixed precision is ours (torch autocast); cpu=True where no accelerator is present, so that several
         # CPU processes (torchrun / accelerate launch) form a gloo process group
         no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -186,6 +192,8 @@ class Trainer:
                 self.load_checkpoint(checkpoint)
             if self.accelerator.is_main_process:  # only now that the checkpoint has loaded
                 config.to_json(self.output_dir / "config.json")
+                if checkpoint is not None:  # the dashboard drops the records of steps after this one
+                    self._log({"step": self.state.step, "resumed_from": checkpoint.name, "time": time.time()})
         except BaseException:
             self.lock.release()
             raise
@@ -214,10 +222,12 @@ class Trainer:
         """The verified checkpoint to resume from (restored from the backup if needed, on the main process),
         or None for a new run, after checking that a new run does not silently replace an old one."""
         def on_main():
-            checkpoint = find_resume_checkpoint(resume, self.output_dir,
+            checkpoint = find_resume_checkpoint(resume, self.checkpoint_dir, restore_into=self.checkpoint_dir,
                                                 backup_target=self.backups.target if self.backups else None)
             if checkpoint is None and resume is None:
-                found = previous_run(self.output_dir)
+                found = previous_run(self.output_dir) + [f"{n} checkpoint(s) in {self.checkpoint_dir}" for n in
+                                                         [len(list_checkpoints(self.checkpoint_dir))] if n]
+                found = list(dict.fromkeys(found))
                 if found and not overwrite:
                     raise RunFolderExists(
                         f"{self.output_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
@@ -225,6 +235,7 @@ class Trainer:
                 if found:
                     logger.warning("--overwrite: removing the earlier run in %s (%s)", self.output_dir, ", ".join(found))
                     clear_run(self.output_dir)
+                    shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             if checkpoint is None and resume == "auto":
                 logger.info("no checkpoint to resume from in %s%s: a new run", self.output_dir,
                             f" or {self.backups.target}" if self.backups else "")
@@ -237,7 +248,7 @@ class Trainer:
         """Tokenizer, train/validation split, length-grouped batches, and the number of optimizer steps."""
         c = self.config
         self.tokenizer = tokenizer or load_tokenizer()
-        triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples)
+        triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples, seed=c.seed)
         train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)
         tokenized = TokenizedTriplets.build(train, self.tokenizer, c.max_length)
         self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0)
@@ -276,7 +287,7 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return self._checkpoint_dir
 
     def save_checkpoint(self) -> Path | None:
         """Write ckpt-<step>/ (model, trainer state, manifest last) under a temporary name, then rename it;
@@ -300,7 +311,7 @@ class Trainer:
         self._prune()
         return final
 
-    def save_model(self, name: str) -> Path:
+    def save_model(self, name: str, extra: dict | None = None) -> Path:
         """The current model as `output_dir/<name>/` (config.json, model.safetensors, manifest.json), written
         under a temporary name and swapped in whole. Used for best/ and final/ (main process only)."""
         final = self.output_dir / name
@@ -310,6 +321,8 @@ class Trainer:
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             if name == "best":
                 (tmp / "best.json").write_text(json.dumps({"step": self.state.best_step, "sts": self.state.best_sts}))
+            for file, content in (extra or {}).items():
+                (tmp / file).write_text(json.dumps(content))
             write_manifest(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -369,24 +382,62 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", dynamic_ncols=True,
                        mininterval=2.0, disable=not (self.show_progress and self.accelerator.is_main_process))
             micro = self._micro_batches()
-            while self.state.step < self.total_steps:
-                record = self._optimizer_step(micro)
-                self._log(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", T=f"{record['temperature']:.3f}")
-                self._stop_if_stuck()
-                self._evaluate_save_and_back_up()
-                if self.state.stopped_early:
-                    logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
-                                   self.state.evals_without_improvement)
-                    break
-            bar.close()
-            if self.accelerator.is_main_process:
-                self.save_model("final")
-            self.accelerator.wait_for_everyone()
+            try:
+                while self.state.step < self.total_steps:
+                    record = self._optimizer_step(micro)
+                    self._log(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    T=f"{record['temperature']:.3f}")
+                    self._stop_if_stuck()
+                    self._evaluate_save_and_back_up()
+                    if self.state.stopped_early:
+                        logger.warning("early stopping at step %d: no better STS in %d evaluations", self.state.step,
+                                       self.state.evals_without_improvement)
+                        break
+            except KeyboardInterrupt:  # the user stopped the cell: keep everything up to the last whole step
+                logger.warning("interrupted at step %d: saving a checkpoint, backing it up and writing final/",
+                               self.state.step)
+                self._finish(complete=False)
+                raise
+            finally:
+                bar.close()
+            self._finish(complete=True)
         finally:
             self.lock.release()
         return self.state
+
+    def _finish(self, *, complete: bool) -> None:
+        """The end of training, or of an interrupted one: a checkpoint of the last whole optimizer step (if
+        that step has none yet) copied to the backup whatever `backup_every` says, then `final/`."""
+        if self._window is not None:  # interrupted inside an accumulation window: back to its start
+            self.state, saved_rng = self._window
+            set_rng_state(saved_rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._window = None
+        checkpoint = self.checkpoint_dir / checkpoint_name(self.state.step)
+        # decided on the main process (the one that writes): every process then takes the same barriers
+        if self._on_main(lambda: self.state.step > 0 and not checkpoint.is_dir()):
+            checkpoint = self.save_checkpoint()
+        if self.accelerator.is_main_process and checkpoint is not None and checkpoint.is_dir() \
+                and self.backups is not None:
+            last = self.backup_results[-1].name if self.backup_results else None
+            if last != checkpoint.name:
+                self._back_up(checkpoint)
+        if self.accelerator.is_main_process:
+            final = self.save_model("final", extra={"final.json": {
+                "step": self.state.step, "total_steps": self.total_steps, "complete": complete}})
+            logger.info("final model (step %d of %d) in %s", self.state.step, self.total_steps, final)
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Release the run folder and the memory this trainer holds (model, optimizer, gradients), e.g.
+        before a notebook cell builds another trainer. The trainer cannot train after this."""
+        self.lock.release()
+        for name in ("model", "optimizer", "scheduler", "scaler", "loss_fn"):
+            self.__dict__.pop(name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def final_dir(self) -> Path:
@@ -407,6 +458,8 @@ class Trainer:
         """Accumulate `grad_accum` micro-batches, then clip and step (or skip a non-finite step); returns the
         step's metrics record."""
         c, started = self.config, time.perf_counter()
+        # where this step starts: an interrupt inside the window saves this, not a half-consumed window
+        self._window = (TrainState(**copy.deepcopy(self.state.__dict__)), rng_state())
         temperature = temperature_at(self.state.step, self.total_steps, c)
         window_ok, window_terms = True, []
         for k in range(c.grad_accum):
@@ -432,6 +485,7 @@ class Trainer:
             self.state.consecutive_skips = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        self._window = None
         record = {"step": self.state.step, "epoch": self.state.epoch, "time": time.time(),
                   **{k: _mean(r[k] for r in window_terms) for k in window_terms[0]},
                   "lr": self.scheduler.get_last_lr()[0], "temperature": temperature, "grad_norm": grad_norm,
@@ -488,12 +542,17 @@ class Trainer:
         last backup, best/; each result goes to metrics.jsonl and `backup_results`."""
         results = [self.backups.backup(checkpoint, keep_step=self.state.best_step)]
         best = self.output_dir / "best"
-        if self._best_needs_backup and best.is_dir():
+        if self._best_needs_backup and best.is_dir() and not self._backups_inside_run_folder():
             results.append(self.backups.backup(best, name="best"))
             self._best_needs_backup = not results[-1].ok
         for result in results:
             self.backup_results.append(result)
             self._log({"step": self.state.step, "backup": result.__dict__, "target": repr(self.backups.target)})
+
+    def _backups_inside_run_folder(self) -> bool:
+        """Backups that live inside output_dir (the Drive layout: <run>/backups/) already sit next to best/."""
+        root = getattr(self.backups.target, "root", None)
+        return root is not None and Path(root).resolve().is_relative_to(self.output_dir.resolve())
 
     def evaluate(self) -> dict:
         """Run `eval_fn` on the main process, log it, and track the best STS; every process learns whether

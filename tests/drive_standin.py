@@ -20,6 +20,7 @@ class DriveStandIn:
         self.ids = (f"id{n}" for n in itertools.count(1))
         self.requests: list[str] = []
         self.fail_uploads = 0  # the next n content uploads answer 500
+        self.quota_bytes = 15 * 2**30  # the Drive v2 `about` resource: quotaBytesTotal (15 GiB, a free account)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/"
@@ -115,6 +116,10 @@ class DriveStandIn:
                 path, query = self._route()
                 standin.requests.append(f"GET {path}")
                 with standin.lock:
+                    if path.endswith("/drive/v2/about"):
+                        used = sum(len(c) for c in standin.content.values())
+                        return self._reply(200, {"kind": "drive#about", "quotaBytesTotal": str(standin.quota_bytes),
+                                                 "quotaBytesUsed": str(used)})
                     if path.endswith("/drive/v2/files"):
                         items = [r for r in standin.files.values() if standin.matches(r, query.get("q", ""))]
                         return self._reply(200, {"kind": "drive#fileList", "items": items})

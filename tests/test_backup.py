@@ -122,3 +122,25 @@ def test_resume_auto_from_the_backup_on_a_fresh_runtime(tmp_path, data, kind):
 def test_gdrive_target_without_credentials_says_how():
     with pytest.raises(BackupError, match="NSA_GDRIVE_KEY"):
         backup_target("gdrive:abc123")
+
+
+def test_short_drive_quota_is_warned_before_the_backup_and_the_size_reported(tmp_path):
+    source = tmp_path / "ckpt-0000001"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"abc" * 1000)
+    with DriveStandIn() as standin:
+        target = drive_target(standin)
+        standin.quota_bytes = 10_000  # 3,000 bytes to copy: enough
+        first = BackupManager(target, backoff=0.0).backup(source)
+        assert first.ok and first.bytes == 3000 and first.space_warning is None
+        standin.quota_bytes = 4_000  # 3,000 used, 3,000 more needed: short
+        second = BackupManager(target, backoff=0.0).backup(source, name="ckpt-0000002")
+    assert "has 1000 B free, the backup ckpt-0000002 needs 2.9 KiB" in second.space_warning
+    assert second.ok  # warned, and still tried (the stand-in, like Drive near its quota, does not refuse at once)
+
+
+def test_folder_target_reports_free_space(tmp_path):
+    import shutil as sh
+
+    target = FolderTarget(tmp_path / "not" / "yet" / "there")  # measured on the nearest existing parent
+    assert abs(target.free_bytes() - sh.disk_usage(tmp_path).free) < 100 * 2**20

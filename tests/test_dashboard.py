@@ -1,11 +1,14 @@
 """The dashboard headless: reading a metrics file while it is written, the figure's data, the widgets,
-throttled redraws, overlays, and clear errors for runs that cannot be followed."""
+throttled redraws, overlays, resumed runs, the printed status line, backups in the status, the final static
+image, the session's matplotlib backend left alone, and clear errors for runs that cannot be followed.
+(Under Colab's ipywidgets 7.7.1: test_dashboard_widgets77.py.)"""
 import json
 
+import matplotlib
 import pytest
 
 from nsa_lib import NSAConfig
-from nsa_lib.dashboard import Dashboard, MetricsError, read_metrics
+from nsa_lib.dashboard import Dashboard, MetricsError, RunHistory, read_metrics
 from nsa_lib.data import load_snli_triplets, load_tokenizer
 from nsa_lib.trainer import Trainer
 
@@ -105,3 +108,140 @@ def test_follows_a_real_run_fed_by_the_trainer(tmp_path):
     follower = Dashboard([tmp_path / "run"])
     follower.refresh()
     assert [r["step"] for r in follower.histories[0].steps] == [1, 2, 3, 4] and len(follower.histories[0].evals) == 2
+
+
+def test_drawing_leaves_the_sessions_matplotlib_backend_alone(tmp_path):
+    """`matplotlib.use("Agg")` inside draw() broke `plt.show()` for the rest of a Colab session."""
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for Colab's inline backend: any backend that is not Agg
+    try:
+        figures = plt.get_fignums()
+        dash = Dashboard(min_interval=0.0)
+        for n in range(1, 4):
+            dash.update(step(n))
+        dash.save_png(tmp_path / "report.png")
+        Dashboard([tmp_path]).save_png(tmp_path / "empty.png")  # draws a figure of its own
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == figures  # nothing added to pyplot's figures either
+        assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)
+
+
+def resumed_run() -> list[dict]:
+    """Steps 1..10 with evaluations at 5 and 10, interrupted; resumed from the checkpoint of step 6 an hour
+    later, then steps 7..12 again (with other losses), one second apart like before."""
+    first = [step(n) for n in range(1, 11)]
+    first.insert(5, {"step": 5, "eval": {"sts": 0.5}, "best_sts": 0.5, "best_step": 5})
+    first.append({"step": 10, "eval": {"sts": 0.6}, "best_sts": 0.6, "best_step": 10})
+    resumed = [{"step": 6, "resumed_from": "ckpt-0000006", "time": 1010.0 + 3600}]
+    resumed += [step(n, loss=100.0 + n, time=1000.0 + 3600 + n) for n in range(7, 13)]
+    return first + resumed
+
+
+def write_records(path, records, mode="w"):
+    with open(path, mode) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("fed", ["file", "live"])
+def test_a_resumed_run_drops_the_superseded_records_and_its_downtime(tmp_path, fed):
+    records = resumed_run()
+    if fed == "file":  # followed while it runs: the interrupted attempt, then the resumed one
+        marker = next(i for i, r in enumerate(records) if "resumed_from" in r)
+        write_records(tmp_path / "metrics.jsonl", records[:marker])
+        dash = Dashboard([tmp_path], total_steps=20)
+        dash.refresh()
+        write_records(tmp_path / "metrics.jsonl", records[marker:], mode="a")
+        dash.refresh()
+    else:
+        dash = Dashboard(total_steps=20, min_interval=0.0, max_overhead=0.0)
+        for r in records:
+            dash.update(r)
+    h = dash.histories[0]
+    xs, ys = h.series("loss")
+    assert xs == list(range(1, 13))  # strictly increasing: no zigzag back to 7
+    assert ys[6:] == [100.0 + n for n in range(7, 13)]  # 7..10 are the resumed attempt's values
+    assert [r["step"] for r in h.evals] == [5]  # the evaluation at 10 was of the superseded attempt
+    assert list(dash.figure.axes[0].lines[0].get_xdata()) == xs
+    assert h.seconds_per_step() == pytest.approx(1.0)  # 1 s per step in each segment, not the hour between
+    s = dash.status()
+    assert s["step"] == 12 and s["resumed_from"] == "ckpt-0000006"
+    assert s["eta_s"] == pytest.approx(8.0)  # 8 steps left at 1 s each
+
+
+def test_a_step_that_goes_back_without_a_marker_also_supersedes():
+    h = RunHistory("older file")  # a run resumed before the trainer wrote markers: steps 3 and 4 again
+    for n in (1, 2, 3, 4):
+        h.add(step(n))
+    for n in (3, 4, 5):
+        h.add(step(n, loss=100.0 + n, time=1000.0 + 3600 + n))
+    assert h.series("loss") == ([1, 2, 3, 4, 5], [10.0, 5.0, 103.0, 104.0, 105.0])
+    assert h.segments == [0, 2] and h.seconds_per_step() == pytest.approx(1.0)
+
+
+def backup(n, ok=True, size=None, **extra):
+    result = {"name": f"ckpt-{n:07d}", "ok": ok, "attempts": 1 if ok else 3, "seconds": 0.5,
+              "error": None if ok else "OSError: [Errno 28] No space left on device", **extra}
+    if size is not None:
+        result["bytes"] = size
+    return {"step": n, "backup": result, "target": "FolderTarget('/content/drive/MyDrive/runs')"}
+
+
+def test_prints_a_status_line_every_n_steps(capsys):
+    dash = Dashboard(total_steps=12, min_interval=3600.0, print_every=5)
+    for n in range(1, 13):
+        dash.update(step(n, lr=2e-4, skipped_total=1 if n > 3 else 0))
+        if n == 5:
+            dash.update({"step": 5, "eval": {"sts": 0.61}, "best_sts": 0.61, "best_step": 5})
+            dash.update(backup(5, size=84 * 2**20))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # steps 5, 10 and the last one, 12
+    assert " step 5/12 | " in lines[0] and "backup none yet" in lines[0]  # the eval and backup of 5 came after
+    tenth = lines[1]
+    for part in ["step 10/12", "loss 1.0000", "lr 2.00e-04", "STS 0.6100 (step 5)", "skipped 1",
+                 "backup ckpt-0000005 ok 84.0 MiB", "100.0 triplets/s, 1.00 s/step", "ETA 2 s"]:
+        assert part in tenth, part
+    assert "step 12/12" in lines[2] and "ETA 0 s" in lines[2]
+
+
+def test_prints_nothing_by_default(capsys):
+    dash = Dashboard(total_steps=100, min_interval=3600.0)
+    for n in range(1, 101):
+        dash.update(step(n))
+    assert capsys.readouterr().out == ""
+
+
+def test_backups_show_their_size_failures_and_a_space_warning(capsys):
+    warning = "/content/drive/MyDrive/runs has 50 MiB free, the backup ckpt-0000004 needs 84 MiB"
+    dash = Dashboard(total_steps=4, min_interval=0.0, max_overhead=0.0, print_every=4)
+    for n in range(1, 4):
+        dash.update(step(n))
+    dash.update(backup(2, size=83 * 2**20))
+    dash.update(backup(3, ok=False, size=84 * 2**20))
+    dash.update(backup(3, size=2 * 2**20, name="best", space_warning=warning))
+    dash.update(step(4))
+    s = dash.status()
+    assert s["backup_failures"] == 1 and len(s["backups"]) == 3 and s["space_warning"] == warning
+    html = dash.widget.children[0].value
+    assert "<b>backups</b> 3, 1 failed" in html
+    assert "ckpt-0000002 ok 83.0 MiB" in html and "best ok 2.0 MiB" in html
+    assert "ckpt-0000003 FAILED (84.0 MiB, 3 attempts): OSError: [Errno 28] No space left on device" in html
+    assert f"<b style='color:#c00'>space</b> {warning}" in html
+    line = capsys.readouterr().out
+    assert "backup best ok 2.0 MiB (1 of 3 failed)" in line and f"SPACE: {warning}" in line
+    dash.update(backup(4, size=84 * 2**20))  # a later backup without a warning: there is room again
+    assert dash.status()["space_warning"] is None and "space</b>" not in dash.widget.children[0].value
+
+
+def test_show_final_displays_and_saves_a_static_png(tmp_path, capsys):
+    write_records(tmp_path / "metrics.jsonl", [step(n) for n in range(1, 6)] + [backup(5, size=2**20)])
+    dash = Dashboard([tmp_path], total_steps=5)
+    dash.refresh()
+    assert dash.show_final(tmp_path / "final.png") == tmp_path / "final.png"
+    assert (tmp_path / "final.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out  # outside a notebook, display() prints the image's repr
+    assert "step 5/5" in out and "backup ckpt-0000005 ok 1.0 MiB" in out and "Image object" in out
+    assert dash.show_final() is None

@@ -327,3 +327,83 @@ def test_batcher_rejects_too_little_data(tokenized):
         TripletBatches(TokenizedTriplets([[1]], [[1]], [[1]]), 4)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         TripletBatches(tokenized, 0)
+
+
+# streaming (MS MARCO): the same code on local parquet shards of real SNLI text
+
+SHARDS, SHARD_ROWS = 20, 1000
+
+
+@pytest.fixture(scope="module")
+def snli_shards(snli_train, tmp_path_factory):
+    """20 parquet files of 1,000 SNLI triplets each, with MS MARCO's column names: (files, triplets)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    folder, rows = tmp_path_factory.mktemp("shards"), snli_train[:SHARDS * SHARD_ROWS]
+    files = []
+    for n in range(SHARDS):
+        part = rows[n * SHARD_ROWS:(n + 1) * SHARD_ROWS]
+        table = pyarrow.table({"query": [t.anchor for t in part], "positive": [t.positive for t in part],
+                               "negative": [t.negative for t in part]})
+        files.append(str(folder / f"train-{n:05d}-of-{SHARDS:05d}.parquet"))
+        pyarrow.parquet.write_table(table, files[-1], row_group_size=100)
+    return files, rows
+
+
+def stream_local(files, **kwargs):
+    return data.stream_triplets("parquet", data_files=files, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def streamed(snli_shards):
+    """50 triplets per seed through a 100-row buffer (each call costs ~5 s: datasets waits for its reader
+    threads to shut down after a parquet stream)."""
+    files, _ = snli_shards
+    return {seed: stream_local(files, max_samples=50, seed=seed, buffer_size=100) for seed in (1, 2)}
+
+
+def test_streaming_returns_max_samples_of_the_data_the_same_for_the_same_seed(snli_shards, streamed):
+    files, rows = snli_shards
+    first = streamed[1]
+    assert len(first) == 50 and len(set(first)) == 50 and set(first) <= set(rows)
+    assert stream_local(files, max_samples=50, seed=1, buffer_size=100) == first  # same triplets, same order
+    assert first != rows[:50]  # shuffled, not the head of the first file
+
+
+def test_streaming_with_another_seed_selects_other_triplets(streamed):
+    assert set(streamed[1]) != set(streamed[2])
+    assert len(set(streamed[1]) & set(streamed[2])) < 25
+
+
+def test_streaming_stops_after_what_it_needs(snli_shards, streamed):
+    """With 20,000 rows available, 50 triplets through a 100-row buffer come from the leading rows of the
+    shards read first: the stream was not read to its end (nor prepared whole, as split="train[:N]" did)."""
+    _, rows = snli_shards
+    where = {t: divmod(i, SHARD_ROWS) for i, t in enumerate(rows)}  # (file, row in file)
+    for seed, triplets in streamed.items():
+        files_read = {where[t][0] for t in triplets}
+        assert max(where[t][1] for t in triplets) < 50 + 100, seed
+        assert len(files_read) <= 10 < SHARDS, seed  # datasets fills the buffer from at most 10 shards at once
+    assert {where[t][0] for t in streamed[1]} != {where[t][0] for t in streamed[2]}  # the seed shuffles shards
+
+
+def test_msmarco_is_streamed_from_the_hub_with_the_seed(snli_shards, monkeypatch):
+    """The Hub cannot be reached here, so two things stand in for it (and only for it): `hub_reachable`
+    answers yes, and `datasets.load_dataset` serves the local shards for the Hub's dataset id, recording
+    how it was called. Everything between load_triplets and datasets is the real code."""
+    import datasets
+
+    files, rows = snli_shards
+    calls, real_load_dataset = [], datasets.load_dataset
+
+    def hub_stand_in(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return real_load_dataset("parquet", data_files=files, **kwargs)
+
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
+    triplets = load_triplets("msmarco", max_samples=30, seed=7)
+    assert calls == [("sentence-transformers/msmarco-bm25", "triplet-hard", {"split": "train", "streaming": True})]
+    assert len(triplets) == 30 and set(triplets) <= set(rows)
+    assert triplets != rows[:30]

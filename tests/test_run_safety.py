@@ -257,6 +257,7 @@ def test_full_backup_disk_leaves_no_partial_copy_and_is_reported(tmp_path, small
     assert BackupManager(FolderTarget(small_disk / "backups"), backoff=0.0).backup(tiny_folder).ok
     records = [r for r in metrics(run) if "backup" in r]
     assert [r["backup"]["ok"] for r in records] == [False, False]
+    assert "free, the backup ckpt-0000002 needs" in records[0]["backup"]["space_warning"]  # said before trying
 
 
 # what crashes instead of skipping
