@@ -16,8 +16,10 @@ renamed, so a folder without the temporary suffix was complete when it was writt
 `RunLock` is an exclusive `flock` on `.nsa-lock`: the kernel drops it when its process dies, even under
 `kill -9`, so a lock left by a dead process is simply taken over; a live holder is named in the error.
 
-Not handled here: locking across machines (two Colab runtimes writing one Drive folder); `flock` is
-local to a machine, and where a filesystem refuses it the lock falls back to the recorded pid.
+Not handled here: locking across machines (two Colab runtimes writing one Drive folder at once); `flock`
+is local to a machine, and where a filesystem refuses it the lock falls back to the recorded pid, which
+can only be checked on the same machine (a holder on another machine is taken over, with a warning, so
+that a reconnected runtime is never locked out of its own run).
 """
 from __future__ import annotations
 
@@ -230,8 +232,13 @@ def _holder_alive(holder: str) -> bool:
         who = json.loads(holder)
     except ValueError:
         return False
-    if not isinstance(who, dict) or who.get("host") != socket.gethostname():
-        return bool(who)  # another machine: cannot tell, assume it is alive
+    if not isinstance(who, dict) or not who:
+        return False
+    if who.get("host") != socket.gethostname():
+        # another machine (a Colab runtime before a reconnect, on a Drive folder without flock): its process
+        # cannot be checked from here; refusing would leave the run stuck for good, so it is taken over
+        logger.warning("the run folder's lock was held by %s on another machine; taking it over", who)
+        return False
     try:
         os.kill(int(who["pid"]), 0)
     except ProcessLookupError:

@@ -78,10 +78,16 @@ def test_drive_backups_through_pydrive2(tmp_path, data):
         assert any(r.startswith("PATCH ") for r in standin.requests)  # the .tmp -> final rename
 
 
-def test_failed_upload_is_retried(tmp_path):
+def small_checkpoint(tmp_path, size: int):
+    """A checkpoint-named folder holding one file of `size` bytes."""
     source = tmp_path / "ckpt-0000001"
     source.mkdir()
-    (source / "a.bin").write_bytes(b"abc" * 100)
+    (source / "a.bin").write_bytes(b"abc" * (size // 3))
+    return source
+
+
+def test_failed_upload_is_retried(tmp_path):
+    source = small_checkpoint(tmp_path, 300)
     with DriveStandIn() as standin:
         target = drive_target(standin)
         standin.fail_uploads = 1
@@ -125,9 +131,7 @@ def test_gdrive_target_without_credentials_says_how():
 
 
 def test_short_drive_quota_is_warned_before_the_backup_and_the_size_reported(tmp_path):
-    source = tmp_path / "ckpt-0000001"
-    source.mkdir()
-    (source / "a.bin").write_bytes(b"abc" * 1000)
+    source = small_checkpoint(tmp_path, 3000)
     with DriveStandIn() as standin:
         target = drive_target(standin)
         standin.quota_bytes = 10_000  # 3,000 bytes to copy: enough

@@ -350,3 +350,30 @@ def test_manifest_detects_every_kind_of_damage(tmp_path):
     assert verify_folder(folder) == "a.bin is missing"
     (folder / MANIFEST_FILE).write_text("{")
     assert "unreadable" in verify_folder(folder)
+
+
+def test_lock_without_flock_decides_from_the_recorded_holder(tmp_path, monkeypatch, caplog):
+    """A filesystem that refuses flock (as a FUSE mount of Drive may; it cannot be reached here, so flock's
+    refusal is what is stood in for): a live holder on this machine still blocks, a dead one or one on
+    another machine (a Colab runtime before a reconnect) is taken over."""
+    import errno
+    import fcntl
+    import os
+    import socket
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock_file = run / ".nsa-lock"
+    lock_file.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "earlier"}))
+    with pytest.raises(RunFolderBusy, match=f"process {os.getppid()} on {socket.gethostname()}"):
+        RunLock(run).acquire()
+    lock_file.write_text(json.dumps({"pid": 1234567, "host": "a-colab-runtime-gone", "since": "earlier"}))
+    lock = RunLock(run)
+    lock.acquire()
+    assert lock.held and "on another machine; taking it over" in caplog.text
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
