@@ -377,3 +377,19 @@ def test_lock_without_flock_decides_from_the_recorded_holder(tmp_path, monkeypat
     assert lock.held and "on another machine; taking it over" in caplog.text
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_rerun_of_the_training_cell_frees_the_previous_trainer(tmp_path, data):
+    """02_train's rerun: while a trainer lives, a second one on its folder is refused (one writer, even in
+    one process); after `close()` the run folder and the model's memory are released and a new one resumes."""
+    tokenizer, triplets = data
+    first = Trainer(tiny(max_steps=4), output_dir=tmp_path / "run", tokenizer=tokenizer, triplets=triplets,
+                    show_progress=False)
+    with pytest.raises(RunFolderBusy):
+        Trainer(tiny(max_steps=4), output_dir=tmp_path / "run", resume="auto", tokenizer=tokenizer,
+                triplets=triplets, show_progress=False)
+    first.close()
+    assert not first.lock.held and not hasattr(first, "model") and not hasattr(first, "optimizer")
+    second = Trainer(tiny(max_steps=4), output_dir=tmp_path / "run", resume="auto", tokenizer=tokenizer,
+                     triplets=triplets, show_progress=False)
+    assert second.train().step == 4
