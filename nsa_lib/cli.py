@@ -69,7 +69,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 TRAIN_FLAGS = {  # flag -> NSAConfig field
     "epochs": "epochs", "max_steps": "max_steps", "seed": "seed", "batch_size": "batch_train",
-    "grad_accum": "grad_accum", "max_length": "max_length", "lr": "lr", "precision": "precision",
+    "grad_accum": "grad_accum", "mini_batch_size": "mini_batch_size", "max_length": "max_length", "lr": "lr",
+    "precision": "precision",
     "save_every": "save_every", "eval_every": "eval_every", "backup_every": "backup_every",
     "max_train_samples": "max_train_samples",
 }
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--batch-size", type=int, help="triplets per micro-batch")
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    t.add_argument("--mini-batch-size", type=int,
+                   help="GradCache: sequences per forward pass, so that the contrastive batch (--batch-size "
+                        "triplets) no longer has to fit in memory at once; same losses and gradients")
     t.add_argument("--max-length", type=int, help="tokens per sequence")
     t.add_argument("--lr", type=float)
     t.add_argument("--precision", choices=["no", "fp16", "bf16"])

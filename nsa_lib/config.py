@@ -85,6 +85,7 @@ class NSAConfig:
     max_length: int = 160
     batch_train: int = 8
     grad_accum: int = 8
+    mini_batch_size: int | None = None  # sequences per forward pass with GradCache (nsa_lib.gradcache); None: off
     lr: float = 2e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -159,6 +160,8 @@ class NSAConfig:
         need(0.0 <= self.temperature_hold_fraction <= 1.0, "temperature_hold_fraction must be in [0, 1]")
         need(0.0 <= self.val_ratio < 1.0, f"val_ratio must be in [0, 1), got {self.val_ratio}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
+        need(self.mini_batch_size is None or (isinstance(self.mini_batch_size, int) and self.mini_batch_size > 0),
+             f"mini_batch_size must be a positive number of sequences or None (off), got {self.mini_batch_size!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs} (0 epochs would save an untrained model)")
         for name in ("save_every", "eval_every", "backup_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")

@@ -460,6 +460,11 @@ class TripletBatches:
     Within chunks of `group_factor` batches the triplets are sorted by length, so that a batch pads little;
     the batch order is then shuffled. A trailing partial batch is dropped (contrastive losses want full
     batches). The order depends only on (seed, epoch).
+
+    No false negatives: in-batch InfoNCE treats every other row's positive as a negative, so a batch never
+    holds two triplets with the same anchor or the same positive (MS MARCO repeats its queries). A triplet
+    that would repeat one waits for a later batch of its chunk; those that find none are left out of this
+    epoch (other epochs group them differently). Without repeats the batches are the plain chunking.
     """
 
     def __init__(self, data: TokenizedTriplets, batch_size: int, *, seed: int = 42, pad_id: int = 0,
@@ -469,9 +474,16 @@ class TripletBatches:
         if len(data) < batch_size:
             raise ValueError(f"{len(data)} triplets are fewer than one batch of {batch_size}")
         self.data, self.batch_size, self.seed, self.pad_id, self.group_factor = data, batch_size, seed, pad_id, group_factor
+        # texts as their token ids: equal ids, equal text as the model sees it (after truncation)
+        self._anchor_key = [tuple(ids) for ids in data.anchor]
+        self._positive_key = [tuple(ids) for ids in data.positive]
+        self._length = None
 
     def __len__(self) -> int:
-        return len(self.data) // self.batch_size
+        """Batches per epoch (those of epoch 0; with repeated anchors or positives, epochs differ a little)."""
+        if self._length is None:
+            self._length = len(self.batches(0))
+        return self._length
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -480,10 +492,27 @@ class TripletBatches:
         chunk = self.batch_size * self.group_factor
         batches = []
         for start in range(0, len(order), chunk):
-            group = sorted(order[start:start + chunk], key=self.data.longest)
-            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
-        batches = [b for b in batches if len(b) == self.batch_size]
+            batches += self._fill(sorted(order[start:start + chunk], key=self.data.longest))
         rng.shuffle(batches)
+        return batches
+
+    def _fill(self, group: list[int]) -> list[list[int]]:
+        """Full batches from `group` in its order, each without a repeated anchor or positive."""
+        batches, pending = [], group
+        while len(pending) >= self.batch_size:
+            batch, anchors, positives, waiting = [], set(), set(), []
+            for i in pending:
+                a, p = self._anchor_key[i], self._positive_key[i]
+                if len(batch) < self.batch_size and a not in anchors and p not in positives:
+                    batch.append(i)
+                    anchors.add(a)
+                    positives.add(p)
+                else:
+                    waiting.append(i)
+            if len(batch) < self.batch_size:
+                break  # what is left repeats itself: no full batch can be made of it
+            batches.append(batch)
+            pending = waiting
         return batches
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:

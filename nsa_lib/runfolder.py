@@ -333,7 +333,7 @@ def find_resume_checkpoint(resume: str | None, *folders: str | Path | None, back
 # nothing that was learnt. Every other setting is the run's own; asking for another value is refused.
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_every", "eval_every", "backup_every", "eval_pairs",
                      "early_stopping_patience", "health_warmup_steps", "gradient_checkpointing",
-                     "spectral_chunk_size")
+                     "spectral_chunk_size", "mini_batch_size")
 
 
 def resumed_config(saved, requested: dict):

@@ -43,6 +43,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .backup import BackupManager, backup_target
 from .config import NSAConfig
 from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
+from .gradcache import cached_step
 from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
@@ -507,6 +508,8 @@ class Trainer:
         Returns (finite everywhere, the loss terms as floats, the anchors' outputs)."""
         c, model = self.config, self.model
         batch = {key: t.to(self.device) for key, t in batch.items()}
+        if c.mini_batch_size and c.mini_batch_size < batch["input_ids"].shape[0]:
+            return self._accumulate_cached(batch, temperature, sync=sync)
         with self.accelerator.no_sync(model) if not sync else nullcontext():
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
@@ -519,6 +522,28 @@ class Trainer:
             if ok:
                 self.scaler.scale(loss.total / c.grad_accum).backward()
         return ok, loss.as_floats(), parts[0]
+
+    def _accumulate_cached(self, batch: dict, temperature: float, *, sync: bool) -> tuple[bool, dict, dict]:
+        """`_accumulate` with GradCache (nsa_lib.gradcache): forwards of `mini_batch_size` sequences, the
+        losses on the whole micro-batch, the same gradients."""
+        c, model = self.config, self.model
+        state = {}
+
+        def decide(loss) -> bool:
+            bad = loss.nonfinite_terms()
+            if bad:
+                logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped", self.state.step, bad)
+            state["ok"] = not self._any_process(bool(bad))
+            return state["ok"]
+
+        with self.accelerator.no_sync(model) if not sync else nullcontext():
+            loss, outputs, _ = cached_step(
+                model, batch, lambda out: self.loss_fn(*split_outputs(out, 3), temperature=temperature),
+                c.mini_batch_size, backward_scale=lambda total: self.scaler.scale(total / c.grad_accum),
+                autocast=lambda: torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                                enabled=self.autocast_dtype is not None),
+                no_sync=lambda: self.accelerator.no_sync(model), decide=decide)
+        return state["ok"], loss.as_floats(), split_outputs(outputs, 3)[0]
 
     def _any_process(self, flag: bool) -> bool:
         """Whether `flag` is True on any process (one all-reduce; no communication with one process)."""

@@ -310,6 +310,65 @@ def test_length_grouping_pads_less_than_random_batches(tokenized):
     assert grouped < 0.6 * unsorted, (grouped, unsorted)
 
 
+def plain_chunking(batcher: TripletBatches, epoch: int) -> list[list[int]]:
+    """The batching without the repeat rule, written out: length-sorted chunks cut into batches."""
+    import random
+
+    rng = random.Random(batcher.seed * 1_000_003 + epoch)
+    order = list(range(len(batcher.data)))
+    rng.shuffle(order)
+    chunk, batches = batcher.batch_size * batcher.group_factor, []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start:start + chunk], key=batcher.data.longest)
+        batches += [group[i:i + batcher.batch_size] for i in range(0, len(group), batcher.batch_size)]
+    batches = [b for b in batches if len(b) == batcher.batch_size]
+    rng.shuffle(batches)
+    return batches
+
+
+@pytest.fixture(scope="module")
+def with_repeats(snli_train, tokenizer):
+    """MS MARCO's shape on real text: each of 600 anchors three times (with other positives and negatives),
+    and every 7th positive shared with the next triplet."""
+    base = snli_train[:2400]
+    triplets = []
+    for k in range(600):
+        for j in range(3):
+            other = base[600 + 3 * k + j]
+            triplets.append(Triplet(base[k].anchor, other.positive, other.negative))
+    for k in range(0, len(triplets) - 1, 7):
+        triplets[k + 1] = Triplet(triplets[k + 1].anchor, triplets[k].positive, triplets[k + 1].negative)
+    return TokenizedTriplets.build(triplets, tokenizer, max_length=64)
+
+
+def test_no_batch_repeats_an_anchor_or_a_positive(with_repeats):
+    """A repeated anchor or positive in a batch is a false negative for in-batch InfoNCE."""
+    batcher = TripletBatches(with_repeats, 16, seed=3)
+    assert any(len({tuple(with_repeats.anchor[i]) for i in b}) < 16 for b in plain_chunking(batcher, 0))  # the data repeats
+    for epoch in range(3):
+        batches = batcher.batches(epoch)
+        assert batches == batcher.batches(epoch)  # still seeded
+        for b in batches:
+            assert len(b) == 16
+            assert len({tuple(with_repeats.anchor[i]) for i in b}) == 16
+            assert len({tuple(with_repeats.positive[i]) for i in b}) == 16
+        used = [i for b in batches for i in b]
+        assert len(set(used)) == len(used) and len(used) >= 0.9 * len(with_repeats)  # few left out
+    assert len(batcher) == len(batcher.batches(0))
+
+
+def test_without_repeats_the_batches_are_the_plain_chunking(snli_train, tokenizer):
+    """SNLI itself repeats some positives ('People are outside.' 8 times in 4,000): keep first uses only."""
+    seen, unique = set(), []
+    for t in snli_train[:4000]:
+        if t.anchor not in seen and t.positive not in seen:
+            unique.append(t)
+            seen |= {t.anchor, t.positive}
+    batcher = TripletBatches(TokenizedTriplets.build(unique, tokenizer, max_length=64), 16, seed=42)
+    for epoch in range(2):
+        assert batcher.batches(epoch) == plain_chunking(batcher, epoch)
+
+
 def test_collate_stacks_anchors_positives_negatives(tokenized, tokenizer):
     batcher = TripletBatches(tokenized, 4, seed=0)
     indices = batcher.batches(0)[0]
