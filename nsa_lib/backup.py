@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import format_bytes
-from .runfolder import checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name
+from .runfolder import checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name, remove_folder
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class FolderTarget:
         return shutil.disk_usage(folder).free
 
     def delete(self, name: str) -> None:
-        shutil.rmtree(self.root / name, ignore_errors=True)
+        remove_folder(self.root / name)  # renamed away first: a kill never leaves a half-deleted backup
 
     def download(self, name: str, dest: Path) -> Path:
         if not (self.root / name).is_dir():

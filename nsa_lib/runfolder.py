@@ -136,6 +136,17 @@ def replace_folder(staged: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_folder(folder: Path) -> None:
+    """Delete `folder` so that it stops being a checkpoint at once: renamed to `<name>.old` first (one
+    atomic step), then deleted. A process killed half-way through a plain rmtree would leave a
+    checkpoint-named folder with some files gone."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # the run folder
 
 

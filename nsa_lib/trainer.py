@@ -48,8 +48,8 @@ from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
 from .runfolder import (STATE_FILE, RunFolderExists, RunLock, checkpoint_name, clear_run,  # noqa: F401
-                        find_resume_checkpoint, list_checkpoints, previous_run, replace_folder, resumed_config,
-                        write_manifest)
+                        find_resume_checkpoint, list_checkpoints, previous_run, remove_folder, replace_folder,
+                        resumed_config, write_manifest)
 from .safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class Trainer:
         best = self.checkpoint_dir / checkpoint_name(self.state.best_step)
         for ckpt in list_checkpoints(self.checkpoint_dir):
             if ckpt not in keep and ckpt != best:
-                shutil.rmtree(ckpt, ignore_errors=True)
+                remove_folder(ckpt)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimizer, scheduler, scaler, counters and RNG streams from a checkpoint folder."""
