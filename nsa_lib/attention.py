@@ -206,7 +206,7 @@ class SpectralEntropyAttention(nn.Module):
         self.spectral_chunk_size = config.spectral_chunk_size
         self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
         self.dropout = nn.Dropout(config.dropout)
-        self.ln = nn.LayerNorm(H)
+        self.ln = nn.LayerNorm(H, eps=config.layer_norm_eps)
         if self.use_spectral:
             self.sq, self.sk, self.sv = (nn.Linear(H, ds) for _ in range(3))
             self.st = nn.Linear(ds, H)

