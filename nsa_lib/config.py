@@ -95,6 +95,8 @@ class NSAConfig:
     grad_accum: int = 8
     mini_batch_size: int | None = None  # sequences per forward pass with GradCache (nsa_lib.gradcache); None: off
     lr: float = 2e-4
+    backbone_lr: float | None = None  # learning rate of a warm start's pretrained weights; None: lr
+    freeze_backbone_steps: int = 0  # a warm start's pretrained weights stay fixed for this many optimizer steps
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.08
@@ -176,6 +178,8 @@ class NSAConfig:
         need(0.0 <= self.temperature_hold_fraction <= 1.0, "temperature_hold_fraction must be in [0, 1]")
         need(0.0 <= self.val_ratio < 1.0, f"val_ratio must be in [0, 1), got {self.val_ratio}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
+        need(self.backbone_lr is None or self.backbone_lr > 0, f"backbone_lr must be positive or None, got {self.backbone_lr}")
+        need(self.freeze_backbone_steps >= 0, f"freeze_backbone_steps must be >= 0, got {self.freeze_backbone_steps}")
         need(self.mini_batch_size is None or (isinstance(self.mini_batch_size, int) and self.mini_batch_size > 0),
              f"mini_batch_size must be a positive number of sequences or None (off), got {self.mini_batch_size!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs} (0 epochs would save an untrained model)")

@@ -275,11 +275,19 @@ class Trainer:
         for name, p in model.named_parameters():
             if name.startswith(frozen):
                 p.requires_grad_(False)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=c.lr, betas=c.betas, fused=_fused_adamw_supported(self.device))
+        # four groups: weight decay or not (biases, norms, embeddings) x pretrained (backbone_lr) or new (lr);
+        # the schedule scales every group's learning rate by the same factor
+        pretrained = set(model.pretrained_parameter_names())
+        self._pretrained_params = [p for n, p in model.named_parameters() if n in pretrained]
+        groups = []
+        for is_pretrained, lr in ((True, c.backbone_lr or c.lr), (False, c.lr)):
+            named = [(n, p) for n, p in model.named_parameters() if (n in pretrained) == is_pretrained]
+            decay = [p for n, p in named if p.ndim >= 2 and "emb" not in n]
+            no_decay = [p for n, p in named if not (p.ndim >= 2 and "emb" not in n)]
+            groups += [{"params": decay, "weight_decay": c.weight_decay, "lr": lr},
+                       {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=c.betas,
+                                           fused=_fused_adamw_supported(self.device))
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(c.warmup_ratio * self.total_steps), self.total_steps)
         self.loss_fn = NSALoss(c)
@@ -474,6 +482,9 @@ class Trainer:
             window_ok &= ok
             window_terms.append(terms)
             self.state.batch_in_epoch = (index // self.world + 1) * self.world  # next window's start
+        if self.state.step < c.freeze_backbone_steps:  # AdamW skips parameters without a gradient: no update
+            for p in self._pretrained_params:
+                p.grad = None
         self.scaler.unscale_(self.optimizer)
         health = {**gradient_stats(self.model.named_parameters()), **embedding_stats(anchors)}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm))

@@ -82,7 +82,10 @@ def config_for_encoder(hf: dict[str, Any], **overrides: Any) -> NSAConfig:
         intermediate_size=hf["intermediate_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
         spectral_dim=max(16, H // 4), anomalous_dim=max(1024, 2 * H), fractal_init=0.0, spectral_fusion_init=0.0,
-        pooling="mean", max_length=min(256, hf["max_position_embeddings"]))
+        pooling="mean", max_length=min(256, hf["max_position_embeddings"]),
+        # the pretrained weights at sentence-transformers' fine-tuning rate (2e-5, which keeps what they know),
+        # the new parts (heads, spectral path, fractal term: random or zero) ten times faster; 10% warm-up
+        lr=2e-4, backbone_lr=2e-5, warmup_ratio=0.1, batch_train=32, grad_accum=1)
     return NSAConfig.from_dict({**NSAConfig().to_dict(), **settings, **overrides})
 
 

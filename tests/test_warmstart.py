@@ -122,3 +122,35 @@ def test_cli_trains_from_the_encoder_and_resumes(tmp_path, capsys):
     assert "resuming at step 2" in out and "done: step 3" in out
     assert main(["train", "--init-from", "all-MiniLM-L6-v2", "--size", "tiny", "--output-dir", str(tmp_path / "x")]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_pretrained_weights_learn_slower_and_can_be_frozen_first(tmp_path):
+    import json
+
+    from nsa_lib.data import load_snli_triplets
+    from nsa_lib.trainer import Trainer
+    from nsa_lib.warmstart import config_for_encoder
+
+    hf = json.loads((offline_minilm_dir() / "config.json").read_text())
+    config = config_for_encoder(hf, batch_train=8, max_steps=3, save_every=0, eval_every=0, max_length=32,
+                                freeze_backbone_steps=2, dropout=0.0)
+    assert (config.lr, config.backbone_lr) == (2e-4, 2e-5)
+    snapshots = []
+    trainer = Trainer(config, output_dir=tmp_path / "run", init_from=offline_minilm_dir(),
+                      tokenizer=load_tokenizer(source="offline"), triplets=load_snli_triplets("train")[:200],
+                      show_progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    pretrained = set(model.pretrained_parameter_names())
+    assert "backbone.layers.0.attn.q.weight" in pretrained and "backbone.layers.0.attn.sq.weight" not in pretrained
+    assert "sem_head.proj.weight" not in pretrained and len(pretrained) == 2 + 3 + 6 * 16
+    lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [2e-5, 2e-4]
+    take = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+    snapshots.append(take())
+    trainer.callbacks.append(lambda r: snapshots.append(take()) if "loss" in r else None)
+    trainer.train()
+    start, step2, step3 = snapshots[0], snapshots[2], snapshots[3]
+    frozen_ok = all(torch.equal(start[n], step2[n]) for n in pretrained)
+    assert frozen_ok  # the first two steps leave the encoder's weights as they were
+    assert not torch.equal(start["sem_head.proj.weight"], step2["sem_head.proj.weight"])  # the new parts learn
+    assert any(not torch.equal(step2[n], step3[n]) for n in pretrained)  # then the encoder learns too
