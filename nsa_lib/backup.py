@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import format_bytes
-from .runfolder import checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name, remove_folder
+from .runfolder import (checkpoint_name, checkpoint_step, file_digest, is_checkpoint_name, remove_folder,
+                        replace_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,7 @@ class FolderTarget:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = self.root / f"{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

@@ -136,6 +136,22 @@ def replace_folder(staged: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_folder(final: Path, fill) -> Path:
+    """Write a folder whole or not at all: `fill(tmp)` writes the files into `<final>.tmp`, the manifest is
+    written last, and the folder is swapped in at `final` (`replace_folder`). A failed write (a full disk,
+    an interrupt) removes the partial folder and re-raises."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, final)
+    return final
+
+
 def remove_folder(folder: Path) -> None:
     """Delete `folder` so that it stops being a checkpoint at once: renamed to `<name>.old` first (one
     atomic step), then deleted. A process killed half-way through a plain rmtree would leave a
@@ -150,23 +166,19 @@ def remove_folder(folder: Path) -> None:
 # the run folder
 
 
-def previous_run(output_dir: Path) -> list[str]:
-    """What an earlier run left in `output_dir` (empty if nothing)."""
-    found = []
-    for entry in RUN_ENTRIES:
-        path = output_dir / entry
-        if entry == "checkpoints":
-            if list_checkpoints(output_dir):
-                found.append(f"{len(list_checkpoints(output_dir))} checkpoint(s)")
-        elif path.exists() and entry != "config.json":
-            found.append(entry + ("/" if path.is_dir() else ""))
+def previous_run(output_dir: Path, checkpoint_dir: Path) -> list[str]:
+    """What an earlier run left in `output_dir` and its `checkpoint_dir` (empty if nothing)."""
+    found = [entry + ("/" if (output_dir / entry).is_dir() else "") for entry in RUN_ENTRIES
+             if entry not in ("config.json", "checkpoints") and (output_dir / entry).exists()]
+    checkpoints = list_checkpoints(checkpoint_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s) in {checkpoint_dir}")
     return found
 
 
-def clear_run(output_dir: Path) -> None:
-    """Remove what a run writes (RUN_ENTRIES) and nothing else of the folder."""
-    for entry in RUN_ENTRIES:
-        path = output_dir / entry
+def clear_run(output_dir: Path, checkpoint_dir: Path) -> None:
+    """Remove what a run writes (RUN_ENTRIES, and its checkpoint folder) and nothing else of the folder."""
+    for path in [output_dir / entry for entry in RUN_ENTRIES] + [checkpoint_dir]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,8 +47,8 @@ from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
 from .runfolder import (STATE_FILE, RunFolderExists, RunLock, checkpoint_name, clear_run,  # noqa: F401
-                        find_resume_checkpoint, list_checkpoints, previous_run, remove_folder, replace_folder,
-                        resumed_config, write_manifest)
+                        find_resume_checkpoint, list_checkpoints, previous_run, remove_folder, resumed_config,
+                        write_folder)
 from .safe_load import load_torch_file
 
 logger = logging.getLogger(__name__)
@@ -229,17 +228,14 @@ class Trainer:
             checkpoint = find_resume_checkpoint(resume, self.checkpoint_dir, restore_into=self.checkpoint_dir,
                                                 backup_target=self.backups.target if self.backups else None)
             if checkpoint is None and resume is None:
-                found = previous_run(self.output_dir) + [f"{n} checkpoint(s) in {self.checkpoint_dir}" for n in
-                                                         [len(list_checkpoints(self.checkpoint_dir))] if n]
-                found = list(dict.fromkeys(found))
+                found = previous_run(self.output_dir, self.checkpoint_dir)
                 if found and not overwrite:
                     raise RunFolderExists(
                         f"{self.output_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
                         f"auto, train into a new --output-dir, or pass --overwrite to replace it.")
                 if found:
                     logger.warning("--overwrite: removing the earlier run in %s (%s)", self.output_dir, ", ".join(found))
-                    clear_run(self.output_dir)
-                    shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                    clear_run(self.output_dir, self.checkpoint_dir)
             if checkpoint is None and resume == "auto":
                 logger.info("no checkpoint to resume from in %s%s: a new run", self.output_dir,
                             f" or {self.backups.target}" if self.backups else "")
@@ -308,40 +304,29 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        final = self.checkpoint_dir / checkpoint_name(self.state.step)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        model = self.accelerator.unwrap_model(self.model)
+
+        def fill(folder: Path) -> None:
+            model.save_pretrained(folder)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict(), "rng": rng_state(), "state": self.state.__dict__,
-                        "total_steps": self.total_steps}, tmp / STATE_FILE)
-            write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_folder(tmp, final)
+                        "total_steps": self.total_steps}, folder / STATE_FILE)
+
+        final = write_folder(self.checkpoint_dir / checkpoint_name(self.state.step), fill)
         self._prune()
         return final
 
     def save_model(self, name: str, extra: dict | None = None) -> Path:
-        """The current model as `output_dir/<name>/` (config.json, model.safetensors, manifest.json), written
-        under a temporary name and swapped in whole. Used for best/ and final/ (main process only)."""
-        final = self.output_dir / name
-        tmp = final.with_name(name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-            if name == "best":
-                (tmp / "best.json").write_text(json.dumps({"step": self.state.best_step, "sts": self.state.best_sts}))
+        """The current model as `output_dir/<name>/` (config.json, model.safetensors, the `extra` JSON files,
+        manifest.json), written whole or not at all. Used for best/ and final/ (main process only)."""
+        model = self.accelerator.unwrap_model(self.model)
+
+        def fill(folder: Path) -> None:
+            model.save_pretrained(folder)
             for file, content in (extra or {}).items():
-                (tmp / file).write_text(json.dumps(content))
-            write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_folder(tmp, final)
-        return final
+                (folder / file).write_text(json.dumps(content))
+
+        return write_folder(self.output_dir / name, fill)
 
     def _prune(self) -> None:
         keep = set(list_checkpoints(self.checkpoint_dir)[-self.keep_checkpoints:])
@@ -526,14 +511,10 @@ class Trainer:
         if c.mini_batch_size and c.mini_batch_size < batch["input_ids"].shape[0]:
             return self._accumulate_cached(batch, temperature, sync=sync)
         with self.accelerator.no_sync(model) if not sync else nullcontext():
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with self._autocast():
                 parts = split_outputs(model(**batch), 3)
                 loss = self.loss_fn(*parts, temperature=temperature)
-            bad = loss.nonfinite_terms()
-            if bad:
-                logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped", self.state.step, bad)
-            ok = not self._any_process(bool(bad))
+            ok = self._finite_everywhere(loss)
             if ok:
                 self.scaler.scale(loss.total / c.grad_accum).backward()
         return ok, loss.as_floats(), parts[0]
@@ -542,23 +523,25 @@ class Trainer:
         """`_accumulate` with GradCache (nsa_lib.gradcache): forwards of `mini_batch_size` sequences, the
         losses on the whole micro-batch, the same gradients."""
         c, model = self.config, self.model
-        state = {}
-
-        def decide(loss) -> bool:
-            bad = loss.nonfinite_terms()
-            if bad:
-                logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped", self.state.step, bad)
-            state["ok"] = not self._any_process(bool(bad))
-            return state["ok"]
-
         with self.accelerator.no_sync(model) if not sync else nullcontext():
-            loss, outputs, _ = cached_step(
+            loss, outputs, ok = cached_step(
                 model, batch, lambda out: self.loss_fn(*split_outputs(out, 3), temperature=temperature),
                 c.mini_batch_size, backward_scale=lambda total: self.scaler.scale(total / c.grad_accum),
-                autocast=lambda: torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                                enabled=self.autocast_dtype is not None),
-                no_sync=lambda: self.accelerator.no_sync(model), decide=decide)
-        return state["ok"], loss.as_floats(), split_outputs(outputs, 3)[0]
+                autocast=self._autocast, no_sync=lambda: self.accelerator.no_sync(model),
+                decide=self._finite_everywhere)
+        return ok, loss.as_floats(), split_outputs(outputs, 3)[0]
+
+    def _autocast(self):
+        """torch autocast to the run's precision (a no-op for 'no')."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def _finite_everywhere(self, loss) -> bool:
+        """Whether every loss term is finite on every process (one all-reduce); a non-finite one is logged."""
+        bad = loss.nonfinite_terms()
+        if bad:
+            logger.warning("step %d: non-finite loss term(s) %s; the step will be skipped", self.state.step, bad)
+        return not self._any_process(bool(bad))
 
     def _any_process(self, flag: bool) -> bool:
         """Whether `flag` is True on any process (one all-reduce; no communication with one process)."""
@@ -607,7 +590,9 @@ class Trainer:
                 if result["sts"] > self.state.best_sts:
                     self.state.best_sts, self.state.best_step = result["sts"], self.state.step
                     self.state.evals_without_improvement = 0
-                    self.save_model("best")  # whatever save_every is: the best model is never pruned away
+                    # whatever save_every is: the best model is never pruned away
+                    self.save_model("best", extra={"best.json": {"step": self.state.best_step,
+                                                                 "sts": self.state.best_sts}})
                     self._best_needs_backup = True
                 else:
                     self.state.evals_without_improvement += 1
@@ -628,9 +613,8 @@ class Trainer:
 
 def _fused_adamw_supported(device: torch.device) -> bool:
     """torch's fused AdamW (one kernel for all parameters: 4x faster than the default on a CPU here) runs on
-    CPU and CUDA in torch >= 2.4."""
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return device.type in ("cpu", "cuda") and (major, minor) >= (2, 4)
+    CPU and CUDA (torch >= 2.4; requirements ask for 2.6)."""
+    return device.type in ("cpu", "cuda")
 
 
 def _differences(config: NSAConfig, saved: NSAConfig) -> dict:
