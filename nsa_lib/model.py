@@ -401,7 +401,7 @@ def _config_from_seed_state(state: dict[str, torch.Tensor], cfg: dict[str, Any])
 
 
 def load_seed_checkpoint(path_or_dict: str | Path | dict, *, map_location: str | torch.device = "cpu",
-                         trust_pickle: bool = False, **config_overrides: Any) -> NSAModel:
+                         **config_overrides: Any) -> NSAModel:
     """Turn a checkpoint of the original Spectra-NSA 0.1.0-alpha into an `NSAModel` (eval mode).
 
     Accepts the path of a `torch.save`d dict with `model` (state dict) and `cfg` (the original Config as a
@@ -411,13 +411,13 @@ def load_seed_checkpoint(path_or_dict: str | Path | dict, *, map_location: str |
 
     A file is loaded with `torch.load(weights_only=True)`: tensors, plain containers and the numpy types of
     the original's RNG state, nothing that could run code (see `nsa_lib.safe_load`). A file that needs more
-    raises `UnsafeFileError` naming the types; `trust_pickle=True` unpickles it in full, with a warning.
+    raises `UnsafeFileError` naming them and how to re-save such a file; nothing is ever unpickled in full.
     """
     if isinstance(path_or_dict, (str, Path)):
         path = Path(path_or_dict)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        ckpt = load_torch_file(path, trust_pickle=trust_pickle, what="checkpoint")
+        ckpt = load_torch_file(path, what="checkpoint")
         source = str(path)
     else:
         ckpt, source = path_or_dict, "checkpoint dict"

@@ -7,15 +7,15 @@ tensors and plain containers, plus the few numpy types that the original Spectra
 (its `rng_state` had numpy's Mersenne-Twister state, an ndarray, and its scores could be numpy floats).
 Both numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) spell those types, and both are accepted.
 
-A file that names anything else is refused with `UnsafeFileError`, which names the types it found. Only
-an explicit `trust_pickle=True` (with a warning) unpickles such a file in full.
+A file that names anything else is refused with `UnsafeFileError`, which names what its pickle calls and
+how to re-save a file you made yourself without it. There is no opt-in to unpickle it: nsa_lib never loads
+a `.pt` file with `weights_only=False`.
 
 Not handled here: safetensors files (they hold no code and load through `safetensors` directly).
 """
 from __future__ import annotations
 
 import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +41,11 @@ def _numpy_globals() -> list[tuple[Any, str]]:
     return allowed
 
 
-def load_torch_file(path: str | Path, *, trust_pickle: bool = False, what: str = "file") -> Any:
-    """`torch.load(path, map_location="cpu")` that refuses to run code.
-
-    Loads with `weights_only=True`, allowing only tensors, plain containers and the numpy types listed in
-    `_numpy_globals`. Anything else raises `UnsafeFileError` naming the types and the opt-in; with
-    `trust_pickle=True` the file is unpickled in full after a warning (only for files you made yourself).
-    `what` names the file in messages (e.g. "checkpoint").
-    """
+def load_torch_file(path: str | Path, *, what: str = "file") -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)` that allows the numpy types listed in
+    `_numpy_globals` and nothing else; any other pickled object raises `UnsafeFileError` naming it. `what`
+    names the file in messages (e.g. "checkpoint")."""
     path = Path(path)
-    if trust_pickle:
-        warnings.warn(f"unpickling {path} in full (trust_pickle=True): a {what} from elsewhere can run code "
-                      f"on this machine; load only files you made yourself", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -66,5 +58,6 @@ def load_torch_file(path: str | Path, *, trust_pickle: bool = False, what: str =
         names = [n for n in found if n not in allowed] or [str(error).splitlines()[0]]
         raise UnsafeFileError(
             f"{path}: refused to load this {what}: its pickle calls {', '.join(names)}, which a weights-only "
-            f"load does not allow (unpickling it could run code). If you made this file yourself and trust "
-            f"it, pass trust_pickle=True.") from None
+            f"load does not allow (unpickling it could run code), and nsa_lib never unpickles a file in full. "
+            f"If you made this file yourself, re-save its tensors and plain values without those objects "
+            f"(e.g. torch.save({{'model': ckpt['model'], 'cfg': dict(ckpt['cfg'])}}, path)) where you made it.") from None

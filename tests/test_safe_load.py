@@ -23,7 +23,7 @@ from nsa_lib.trainer import STATE_FILE, Trainer, list_checkpoints
 
 from .drive_standin import DriveStandIn
 from .test_backup import drive_target
-from .test_seed_checkpoint import SMALL, assert_matches_literal, original_checkpoint
+from .test_seed_checkpoint import assert_matches_literal, original_checkpoint
 
 
 class CreatesMarker:
@@ -84,24 +84,25 @@ def test_load_torch_file_refuses_and_names_the_type(tmp_path):
     path, marker = malicious_checkpoint(tmp_path)
     with pytest.raises(UnsafeFileError, match=r"io\.open") as err:
         load_torch_file(path)
-    assert "trust_pickle=True" in str(err.value)
+    assert "never unpickles a file in full" in str(err.value) and "re-save" in str(err.value)
     assert not marker.exists()
 
 
 def test_load_seed_checkpoint_refuses(tmp_path):
     path, marker = malicious_checkpoint(tmp_path)
-    with pytest.raises(UnsafeFileError, match="trust_pickle"):
+    with pytest.raises(UnsafeFileError, match="never unpickles"):
         load_seed_checkpoint(path)
     assert not marker.exists()
 
 
-def test_trust_pickle_opts_in_with_a_warning(tmp_path):
-    """The opt-in really unpickles in full (so the refusal above is the loader's doing, not the payload's)."""
+def test_there_is_no_way_to_unpickle_in_full(tmp_path):
+    """No option of the loaders unpickles a refused file: not load_torch_file, not load_seed_checkpoint."""
     path, marker = malicious_checkpoint(tmp_path)
-    with pytest.warns(UserWarning, match="can run code"):
-        model = load_seed_checkpoint(path, trust_pickle=True)
-    assert marker.exists()
-    assert model.config.hidden_size == SMALL["hidden_size"]
+    with pytest.raises(TypeError):
+        load_torch_file(path, trust_pickle=True)  # no such option
+    with pytest.raises(UnsafeFileError):  # here it is only an (unknown) config override: the file is refused first
+        load_seed_checkpoint(path, trust_pickle=True)
+    assert not marker.exists()
 
 
 def test_the_originals_numpy_state_loads_without_trust(tmp_path):
@@ -136,7 +137,7 @@ def test_cli_resume_auto_refuses(tmp_path, trained_run, capsys):
     code = main(["train", "--size", "tiny", "--output-dir", str(run), "--resume", "auto", "--max-steps", "6",
                  "--no-final-eval"])
     assert code == 2
-    assert "trust_pickle" in capsys.readouterr().err
+    assert "never unpickles" in capsys.readouterr().err
     assert not marker.exists()
 
 
