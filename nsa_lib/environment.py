@@ -158,8 +158,7 @@ def plan_run(env: Environment, hours: float, *, preset: str | None = None, smoke
         candidates = [("mini", "no", False), ("tiny", "no", False)]
         where = "no GPU on this runtime" + (" (a TPU runtime: not used by this project)" if env.tpu else "")
     else:
-        precision = "bf16" if env.bf16_supported else "fp16"
-        best, checkpointing = choose_preset(env)[0], choose_preset(env)[2]
+        best, precision, checkpointing = choose_preset(env)  # the largest that fits, and its precision
         order = ["M1B", "M700", "M600", "M456", "mini"]
         candidates = [(name, precision, checkpointing if name == best else False) for name in order[order.index(best):]]
         where = f"{env.gpu_name}, {precision}"
