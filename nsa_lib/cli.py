@@ -97,14 +97,11 @@ def config_from_args(args: argparse.Namespace) -> NSAConfig:
     shapes (its architecture reproduced) with the flags given."""
     settings = explicit_settings(args)
     if getattr(args, "init_from", None):
-        import json
-
-        from .warmstart import config_for_encoder, encoder_folder
+        from .warmstart import encoder_config
 
         if "size" in settings:
             raise ValueError("--size and --init-from exclude each other: the encoder decides the shape")
-        hf = json.loads((encoder_folder(args.init_from) / "config.json").read_text())
-        return config_for_encoder(hf, **settings)
+        return encoder_config(args.init_from, **settings)
     return NSAConfig.from_preset(settings.pop("size", "M456"), **settings)
 
 

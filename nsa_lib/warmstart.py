@@ -89,6 +89,13 @@ def config_for_encoder(hf: dict[str, Any], **overrides: Any) -> NSAConfig:
     return NSAConfig.from_dict({**NSAConfig().to_dict(), **settings, **overrides})
 
 
+def encoder_config(name_or_path: str | Path, **overrides: Any) -> NSAConfig:
+    """The NSAConfig of a warm start from `name_or_path` (a name, Hub id or folder as `encoder_folder`
+    takes): the encoder's shapes, the warm-start defaults, `overrides` applied (training settings such as
+    `max_steps=...`; shape settings would no longer match the weights)."""
+    return config_for_encoder(json.loads((encoder_folder(name_or_path) / "config.json").read_text()), **overrides)
+
+
 def encoder_key_map(num_layers: int) -> dict[str, str]:
     """BERT's parameter names -> ours."""
     keys = {"embeddings.word_embeddings.weight": "backbone.tok_emb.weight",
