@@ -114,7 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     requested = explicit_settings(args)
     if "size" in requested:  # as a resumed run's config names it: the preset's own spelling
         requested["size"] = NSAConfig.from_preset(requested["size"]).size
-    tokenizer = load_tokenizer()
+    if args.init_from:  # a warm start reads text as its encoder did
+        from .warmstart import encoder_tokenizer
+
+        tokenizer = encoder_tokenizer(args.init_from)
+    else:
+        tokenizer = load_tokenizer()
     # a new run takes the preset and flags; a resumed one its own settings, with these flags applied where
     # they may change on resume and refused where they may not
     trainer = Trainer(config_from_args(args), config_overrides=requested, data=args.data,

@@ -77,16 +77,25 @@ def data_dir() -> Path:
     return Path(os.environ.get("NSA_DATA_DIR") or Path.home() / ".cache" / "nsa_lib").expanduser()
 
 
-@lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers (False at once under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    """Whether the Hugging Face Hub answers: huggingface.co, or the mirror `$HF_ENDPOINT` names (False at
+    once under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). The answer is remembered per host."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST}")
+    return _answers(url.hostname or HUB_HOST, url.port or (80 if url.scheme == "http" else 443), timeout)
+
+
+@lru_cache(maxsize=8)
+def _answers(host: str, port: int, timeout: float) -> bool:
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+hub_reachable.cache_clear = _answers.cache_clear  # type: ignore[attr-defined]  (tests forget the answers)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,16 @@ def choose_preset(env: Environment) -> tuple[str, str, bool]:
 
 PLAN_MARGIN = 0.85  # of the time given, for training steps; the rest for evaluations, checkpoints, backups
 MIN_STEPS = 2000  # fewer optimizer steps than this teach a from-scratch preset little: take a smaller one
+# a pretrained encoder needs far fewer steps than a new one; past this, more time adds little and overfits
+# the offline SNLI set (850 steps per epoch of 32 triplets), so a warm start's plan stops here
+WARM_START_MAX_STEPS = 10_000
+FROM_SCRATCH = ("", "none", "none (from scratch)")
+
+
+def base_model_name(value: str | None) -> str | None:
+    """A notebook's BASE_MODEL field as `init_from`: None for "none" / "none (from scratch)" / empty."""
+    value = (value or "").strip()
+    return None if value.lower() in FROM_SCRATCH else value
 
 
 @dataclass
@@ -97,19 +107,22 @@ class Plan:
     max_steps: int
     seconds_per_step: float
     reason: str
+    base_model: str | None = None  # a warm start's pretrained encoder (preset is then "custom")
 
 
-def seconds_per_step(preset: str, precision: str, gradient_checkpointing: bool, *, timed: int = 2,
-                     warmup: int = 1) -> float:
-    """Seconds per optimizer step of `preset` on this machine's accelerator (or CPU), measured: the model,
-    AdamW and the seven losses on random tokens at the preset's max_length, batch and accumulation."""
+def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing: bool, *, base_model: str | None = None,
+                     timed: int = 2, warmup: int = 1) -> float:
+    """Seconds per optimizer step of `preset` (or of a warm start from `base_model`: its shapes and batch)
+    on this machine's accelerator (or CPU), measured: the model, AdamW and the seven losses on random
+    tokens at the config's max_length, batch and accumulation."""
     from .config import NSAConfig
     from .losses import NSALoss
     from .model import NSAModel
     from .trainer import split_outputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = NSAConfig.from_preset(preset, precision=precision, gradient_checkpointing=gradient_checkpointing)
+    config = training_config({"preset": preset, "base_model": base_model}, precision=precision,
+                             gradient_checkpointing=gradient_checkpointing)
     model = NSAModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     loss_fn = NSALoss(config, gather=False)
@@ -139,17 +152,34 @@ def seconds_per_step(preset: str, precision: str, gradient_checkpointing: bool, 
     return (time.perf_counter() - started) / timed  # the model and optimizer are freed on return
 
 
-def plan_run(env: Environment, hours: float, *, preset: str | None = None, smoke_steps: int = 6) -> Plan:
-    """The largest preset that fits this machine and trains at least MIN_STEPS optimizer steps in
-    `hours` (PLAN_MARGIN of it), with as many steps as fit, from a few steps timed here.
+def training_config(settings: dict, **options):
+    """The NSAConfig of a run from its settings (run_config.json: `base_model` for a warm start, else
+    `preset`) with `options` (steps, cadences, toggles, precision) applied."""
+    from .config import NSAConfig
 
-    On a GPU, the candidates are the presets whose training step fits its memory, largest first; on a
-    CPU or TPU runtime, `mini` then `tiny` (said as such). In smoke mode (CI): `tiny`, `smoke_steps` steps,
-    through the same timing code. `preset` fixes the preset (the steps are still planned for `hours`).
+    if settings.get("base_model"):
+        from .warmstart import encoder_config
+
+        return encoder_config(settings["base_model"], **options)
+    return NSAConfig.from_preset(settings["preset"], **options)
+
+
+def plan_run(env: Environment, hours: float, *, preset: str | None = None, base_model: str | None = None,
+             smoke_steps: int = 6) -> Plan:
+    """What to train in `hours` (PLAN_MARGIN of it) on this machine, from a few steps timed here.
+
+    With `base_model` (a warm start, e.g. "all-MiniLM-L6-v2"): that encoder, in bf16 / fp16 on a GPU (fp32
+    on a CPU), with as many steps as fit, at most WARM_START_MAX_STEPS. Otherwise the largest preset that
+    fits and trains at least MIN_STEPS steps: on a GPU the presets whose training step fits its memory,
+    largest first; on a CPU or TPU runtime `mini` then `tiny` (said as such); `preset` fixes the preset
+    (the steps are still planned for `hours`). In smoke mode (CI): `smoke_steps` steps of the base model,
+    or of `tiny`, through the same timing code.
     """
     if hours <= 0:
         raise ValueError(f"HOURS must be positive, got {hours}")
     budget = hours * 3600 * PLAN_MARGIN
+    if base_model:
+        return _plan_warm_start(env, base_model, hours, budget, smoke_steps)
     if env.smoke:
         spent = seconds_per_step("tiny", "no", False, timed=1, warmup=1)
         return Plan("tiny", "no", False, smoke_steps, spent,
@@ -185,6 +215,26 @@ def plan_run(env: Environment, hours: float, *, preset: str | None = None, smoke
                 reason += ". A GPU runtime (Runtime > Change runtime type) trains ~100x faster"
             return Plan(name, precision, checkpointing, max(steps, 1), per_step, reason)
     raise AssertionError("unreachable: the last candidate always returns")
+
+
+def _plan_warm_start(env: Environment, base_model: str, hours: float, budget: float, smoke_steps: int) -> Plan:
+    precision = "no" if env.smoke or env.gpu_memory_bytes is None else ("bf16" if env.bf16_supported else "fp16")
+    per_step = seconds_per_step(None, precision, False, base_model=base_model, timed=1 if env.smoke else 2)
+    if env.smoke:
+        return Plan("custom", precision, False, smoke_steps, per_step,
+                    f"CI smoke mode: warm start from {base_model}, {smoke_steps} steps ({per_step:.2f} s per step "
+                    f"measured here)", base_model=base_model)
+    fit = int(budget / per_step)
+    steps = max(1, min(fit, WARM_START_MAX_STEPS))
+    where = f"{env.gpu_name}, {precision}" if env.gpu_name else "no GPU on this runtime"
+    reason = (f"{where}: a warm start from {base_model} takes {per_step:.2f} s per optimizer step here, so "
+              f"{fit:,} steps fill {hours:g} h ({PLAN_MARGIN:.0%} of it)")
+    if fit > WARM_START_MAX_STEPS:
+        reason += (f"; planned {WARM_START_MAX_STEPS:,} (about {WARM_START_MAX_STEPS * per_step / 3600 / PLAN_MARGIN:.1f} h): "
+                   f"a pretrained encoder learns little more after that")
+    if env.gpu_memory_bytes is None:
+        reason += ". A GPU runtime (Runtime > Change runtime type) trains ~100x faster"
+    return Plan("custom", precision, False, steps, per_step, reason, base_model=base_model)
 
 
 def mount_drive() -> tuple[Path | None, str]:
@@ -256,6 +306,28 @@ def read_run_config(run: RunPaths) -> dict:
         raise FileNotFoundError(f"no run named {run.name!r} {where} (no {run.config_file}): run 01_setup with "
                                 f"RUN_NAME = {run.name!r} first, or set RUN_NAME to an existing run")
     return json.loads(run.config_file.read_text())
+
+
+def settings_for_base_model(run: RunPaths, settings: dict, env: Environment, base_model: str | None) -> tuple[dict, list[str]]:
+    """The run's settings for the base model that 02_train asks for (`base_model_name(BASE_MODEL)`), and
+    what was done about it in sentences: nothing when 01_setup planned the same one; a run that has
+    started keeps its own (weights come from its checkpoints); a run not yet started is re-planned for
+    the new choice (the steps timed here, for the hours 01_setup was given) and its settings saved."""
+    from .runfolder import previous_run
+
+    planned = settings.get("base_model")
+    if base_model == planned:
+        return settings, []
+    said = lambda name: name or "none (from scratch)"  # noqa: E731
+    started = previous_run(run.folder, run.work) or any(run.backups.glob("ckpt-*"))
+    if started:
+        return settings, [f"BASE_MODEL {said(base_model)}: this run started from {said(planned)} and keeps it; a "
+                          f"new RUN_NAME starts from {said(base_model)}"]
+    plan = plan_run(env, float(settings.get("hours", 1)), base_model=base_model)
+    updated = {**settings, "preset": plan.preset, "base_model": plan.base_model, "precision": plan.precision,
+               "gradient_checkpointing": plan.gradient_checkpointing, "max_steps": plan.max_steps, "plan": plan.reason}
+    save_run_config(run, updated)
+    return updated, [f"BASE_MODEL {said(base_model)}: 01_setup planned {said(planned)}; re-planned: {plan.reason}"]
 
 
 def differences_from_setup(run_config: dict, env: Environment) -> list[str]:

@@ -247,6 +247,10 @@ class Trainer:
     def _build_batches(self, data: str, tokenizer, triplets) -> None:
         """Tokenizer, train/validation split, length-grouped batches, and the number of optimizer steps."""
         c = self.config
+        if tokenizer is None and self.init_from:  # a warm start reads text as its encoder did
+            from .warmstart import encoder_tokenizer
+
+            tokenizer = encoder_tokenizer(self.init_from)
         self.tokenizer = tokenizer or load_tokenizer()
         triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples, seed=c.seed)
         train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)

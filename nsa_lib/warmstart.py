@@ -4,8 +4,8 @@
 
 The encoder's own block is reproduced exactly (config `architecture="bert"`: GELU FFN of its
 intermediate size, embedding LayerNorm with token type 0, no final LayerNorm, its epsilon, heads and
-mean pooling), its weights copied in. What Spectra-NSA adds starts at zero so that, at step 0, the
-model computes what the encoder computes:
+pooling: mean, or CLS where its sentence-transformers folder says so, as BGE's), its weights copied in.
+What Spectra-NSA adds starts at zero so that, at step 0, the model computes what the encoder computes:
 
 - the fractal weight w = 0: A + w·N = A (the fractal term still gets a gradient, dL/dw = Σ dL/dA ⊙ N);
 - the spectral fusion weight f = 0: clamp(f, 0, 0.5)·st(sy) = 0 (f gets a gradient: clamp passes it at 0);
@@ -53,7 +53,36 @@ def encoder_folder(name_or_path: str | Path) -> Path:
 
     repo = f"sentence-transformers/{name_or_path}" if str(name_or_path) == "all-MiniLM-L6-v2" else str(name_or_path)
     return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin",
-                                                        "tokenizer*", "vocab.txt", "special_tokens_map.json"]))
+                                                        "tokenizer*", "vocab.txt", "special_tokens_map.json",
+                                                        "modules.json", "1_Pooling/config.json"]))
+
+
+def encoder_tokenizer(name_or_path: str | Path):
+    """The encoder's own tokenizer (from its folder), or, where the folder has none, bert-base-uncased's
+    (`nsa_lib.data.load_tokenizer`), which BERT, MiniLM, BGE-small and E5-small share."""
+    from transformers import AutoTokenizer
+
+    from .data import load_tokenizer
+
+    folder = encoder_folder(name_or_path)
+    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        return AutoTokenizer.from_pretrained(str(folder))
+    return load_tokenizer()
+
+
+def encoder_pooling(folder: Path) -> str:
+    """The pooling the encoder was trained with: sentence-transformers' `1_Pooling/config.json` says CLS
+    (BGE) or mean (MiniLM, E5); a plain transformers folder without it is taken as mean pooling."""
+    path = folder / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return "mean"
+    pooling = json.loads(path.read_text())
+    if pooling.get("pooling_mode_cls_token"):
+        return "cls"
+    if pooling.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+    raise ValueError(f"{path}: pooling {modes} is not one Spectra-NSA has (mean or cls)")
 
 
 def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -93,7 +122,9 @@ def encoder_config(name_or_path: str | Path, **overrides: Any) -> NSAConfig:
     """The NSAConfig of a warm start from `name_or_path` (a name, Hub id or folder as `encoder_folder`
     takes): the encoder's shapes, the warm-start defaults, `overrides` applied (training settings such as
     `max_steps=...`; shape settings would no longer match the weights)."""
-    return config_for_encoder(json.loads((encoder_folder(name_or_path) / "config.json").read_text()), **overrides)
+    folder = encoder_folder(name_or_path)
+    return config_for_encoder(json.loads((folder / "config.json").read_text()),
+                              **{"pooling": encoder_pooling(folder), **overrides})
 
 
 def encoder_key_map(num_layers: int) -> dict[str, str]:
@@ -118,7 +149,7 @@ def from_pretrained_encoder(model_class, name_or_path: str | Path, **overrides: 
     """An NSAModel (train mode) whose backbone is the pretrained encoder, its additions starting at zero
     and its semantic head starting as the encoder's own embedding (module docstring)."""
     folder = encoder_folder(name_or_path)
-    config = config_for_encoder(json.loads((folder / "config.json").read_text()), **overrides)
+    config = encoder_config(folder, **overrides)
     model = model_class(config)
     state = encoder_state(folder)
     ours = model.state_dict()

@@ -80,7 +80,8 @@ def test_each_notebook_on_its_own_runtime_sharing_only_drive(tmp_path):
     rt1, env = new_runtime(tmp_path, "runtime1")
     done = run_notebook(rt1, env, "01_setup")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((runs / "run1" / "run_config.json").read_text())["preset"] == "tiny"
+    planned = json.loads((runs / "run1" / "run_config.json").read_text())
+    assert (planned["base_model"], planned["preset"]) == ("all-MiniLM-L6-v2", "custom")  # the default: a warm start
     end(rt1)
 
     rt2, env = new_runtime(tmp_path, "runtime2")
@@ -117,5 +118,6 @@ def test_each_notebook_on_its_own_runtime_sharing_only_drive(tmp_path):
     for name in ("final", "best"):
         assert verify_folder(runs / "run1" / name) is None, name
     assert json.loads((runs / "run1" / "final" / "final.json").read_text())["complete"] is True
+    assert json.loads((runs / "run1" / "final" / "config.json").read_text())["architecture"] == "bert"
     assert (runs / "run1" / "dashboard.png").stat().st_size > 10_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("runtime")]  # each runtime's disk is gone

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from nsa_lib.config import NSAConfig, estimate_training_memory
-from nsa_lib.environment import (Environment, RunPaths, choose_preset, detect_environment, differences_from_setup,
-                                 environment_dict, mount_drive, plan_run, read_run_config, save_run_config)
+from nsa_lib.environment import (WARM_START_MAX_STEPS, Environment, RunPaths, base_model_name, choose_preset,
+                                 detect_environment, differences_from_setup, environment_dict, mount_drive, plan_run,
+                                 read_run_config, save_run_config, settings_for_base_model, training_config)
 
 GiB = 2 ** 30
 
@@ -108,3 +109,51 @@ def test_differences_from_the_planned_machine_are_said():
 def test_this_machine():
     env = detect_environment()
     assert env.cpu_count >= 1 and (env.gpu_name is None) == (env.gpu_memory_bytes is None)
+
+
+CPU = Environment(in_colab=False, smoke=False, gpu_name=None, gpu_memory_bytes=None, bf16_supported=False, cpu_count=2)
+
+
+def test_a_warm_start_is_planned_by_timing_the_encoders_own_steps():
+    plan = plan_run(CPU, hours=0.02, base_model="all-MiniLM-L6-v2")
+    assert (plan.base_model, plan.preset, plan.precision) == ("all-MiniLM-L6-v2", "custom", "no")
+    assert plan.max_steps == int(0.02 * 3600 * 0.85 / plan.seconds_per_step)
+    assert "warm start from all-MiniLM-L6-v2" in plan.reason and "GPU runtime" in plan.reason
+    long = plan_run(CPU, hours=1000, base_model="all-MiniLM-L6-v2")  # more steps than a warm start needs
+    assert long.max_steps == WARM_START_MAX_STEPS and "learns little more" in long.reason
+    smoke = plan_run(Environment(**{**environment_dict(CPU), "smoke": True}), hours=3, base_model="all-MiniLM-L6-v2",
+                     smoke_steps=4)
+    assert (smoke.max_steps, smoke.base_model) == (4, "all-MiniLM-L6-v2") and "smoke" in smoke.reason
+
+
+@pytest.mark.parametrize("field,expected", [("all-MiniLM-L6-v2", "all-MiniLM-L6-v2"), (" BAAI/bge-small-en-v1.5 ",
+                                            "BAAI/bge-small-en-v1.5"), ("none (from scratch)", None), ("None", None),
+                                            ("", None)])
+def test_the_base_model_field(field, expected):
+    assert base_model_name(field) == expected
+
+
+def test_training_config_is_the_encoders_for_a_warm_start_and_the_presets_otherwise():
+    warm = training_config({"preset": "custom", "base_model": "all-MiniLM-L6-v2"}, max_steps=7, use_spectral=False)
+    assert (warm.architecture, warm.hidden_size, warm.num_layers, warm.max_steps, warm.use_spectral) == \
+        ("bert", 384, 6, 7, False)
+    assert warm.backbone_lr == 2e-5  # the warm start's defaults stay unless an option names them
+    cold = training_config({"preset": "tiny", "base_model": None}, max_steps=7)
+    assert (cold.size, cold.architecture, cold.max_steps) == ("tiny", "nsa", 7)
+
+
+def test_02_train_asking_for_another_base_model(tmp_path):
+    """A run not yet started is re-planned for it (and saved); a started run keeps its own."""
+    run = RunPaths.for_run("run1", tmp_path)
+    settings = {"run_name": "run1", "base_model": None, "preset": "tiny", "precision": "no",
+                "gradient_checkpointing": False, "max_steps": 50, "hours": 0.01, "data": "snli"}
+    save_run_config(run, settings)
+    assert settings_for_base_model(run, settings, CPU, None) == (settings, [])
+    updated, notes = settings_for_base_model(run, settings, CPU, "all-MiniLM-L6-v2")
+    assert updated["base_model"] == "all-MiniLM-L6-v2" and updated["preset"] == "custom"
+    assert updated["max_steps"] != 50 and updated["data"] == "snli"
+    assert "01_setup planned none (from scratch); re-planned" in notes[0]
+    assert read_run_config(run) == updated
+    (run.folder / "metrics.jsonl").write_text("{}\n")  # the run has started
+    kept, notes = settings_for_base_model(run, updated, CPU, None)
+    assert kept == updated and "keeps it" in notes[0] and read_run_config(run) == updated

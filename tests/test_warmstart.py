@@ -154,3 +154,108 @@ def test_pretrained_weights_learn_slower_and_can_be_frozen_first(tmp_path):
     assert frozen_ok  # the first two steps leave the encoder's weights as they were
     assert not torch.equal(start["sem_head.proj.weight"], step2["sem_head.proj.weight"])  # the new parts learn
     assert any(not torch.equal(step2[n], step3[n]) for n in pretrained)  # then the encoder learns too
+
+
+def encoder_copy(folder, pooling=None, with_tokenizer=True):
+    """all-MiniLM-L6-v2's config and weights in `folder`, with a sentence-transformers pooling config."""
+    import json
+    import shutil
+
+    source = offline_minilm_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["config.json", "model.safetensors"] + (["vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                                                       "special_tokens_map.json"] if with_tokenizer else [])
+    for name in names:
+        (folder / name).symlink_to(source / name)
+    if pooling is not None:
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 384, "pooling_mode_cls_token": pooling == "cls",
+             "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max"}))
+    return folder
+
+
+def test_an_encoder_trained_with_cls_pooling_pools_its_first_token(tmp_path, stsb_test):
+    """BGE's sentence-transformers folder says CLS pooling: pooled is then BertModel's first token."""
+    from nsa_lib.warmstart import encoder_config, encoder_pooling
+
+    cls_folder = encoder_copy(tmp_path / "cls", pooling="cls")
+    assert encoder_pooling(cls_folder) == "cls" and encoder_config(cls_folder).pooling == "cls"
+    assert encoder_pooling(encoder_copy(tmp_path / "mean", pooling="mean")) == "mean"
+    assert encoder_pooling(encoder_copy(tmp_path / "plain")) == "mean"  # no 1_Pooling: mean, as transformers users pool
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
+        encoder_pooling(encoder_copy(tmp_path / "max", pooling="max"))
+
+    model = NSAModel.from_pretrained_encoder(cls_folder).eval()
+    tokenizer = load_tokenizer(source="offline")
+    sentences = [p.sentence1 for p in stsb_test[:16]]
+    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    bert = AutoModel.from_pretrained(str(offline_minilm_dir())).eval()
+    with torch.no_grad():
+        ours = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["pooled"]
+        first = bert(**enc).last_hidden_state[:, 0]
+    assert (ours - first).abs().max() < 1e-5
+
+
+def test_a_warm_start_reads_text_with_its_encoders_tokenizer(tmp_path):
+    """The encoder folder's own vocabulary, not bert-base-uncased's, wherever the folder has one."""
+    from nsa_lib.trainer import Trainer
+    from nsa_lib.warmstart import encoder_tokenizer
+
+    folder = encoder_copy(tmp_path / "enc")
+    vocab = folder / "vocab.txt"
+    vocab.unlink()
+    words = (offline_minilm_dir() / "vocab.txt").read_text().splitlines()
+    words[2003], words[2004] = words[2004], words[2003]  # "is" and "it" trade ids in this encoder's vocabulary
+    vocab.write_text("\n".join(words) + "\n")
+    (folder / "tokenizer.json").unlink()  # the slow vocab.txt is the tokenizer here
+    assert encoder_tokenizer(folder)("is")["input_ids"][1] == 2004
+    assert load_tokenizer(source="offline")("is")["input_ids"][1] == 2003
+    config = NSAConfig.from_dict({**NSAModel.from_pretrained_encoder(folder).config.to_dict(), "max_steps": 1,
+                                  "batch_train": 4, "max_train_samples": 64, "eval_every": 0, "save_every": 0})
+    trainer = Trainer(config, output_dir=tmp_path / "run", init_from=folder, show_progress=False,
+                      eval_fn=lambda m, t: {})
+    assert trainer.tokenizer("is")["input_ids"][1] == 2004
+    trainer.close()
+
+
+def test_a_hub_id_downloads_the_encoder_through_the_hub_api(tmp_path, monkeypatch, stsb_test):
+    """The Hub path of from_pretrained_encoder, against a local stand-in of the Hub's download API
+    (tests/hub_standin.py; the real Hub cannot be reached here): a BGE-like repo (CLS pooling) is fetched
+    by snapshot_download into the Hugging Face cache, with the files a warm start needs and no others."""
+    from nsa_lib import data
+    from nsa_lib.warmstart import encoder_folder, encoder_tokenizer
+    from tests.hub_standin import HubStandin
+
+    repo = encoder_copy(tmp_path / "repo", pooling="cls")
+    (repo / "onnx").mkdir()
+    (repo / "onnx" / "model.onnx").write_bytes(b"not wanted by a warm start")
+    with HubStandin({"BAAI/bge-small-en-v1.5": repo}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        import huggingface_hub.constants as hub_constants
+
+        monkeypatch.setattr(hub_constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        data.hub_reachable.cache_clear()
+        try:
+            folder = encoder_folder("BAAI/bge-small-en-v1.5")
+            model = NSAModel.from_pretrained_encoder("BAAI/bge-small-en-v1.5").eval()
+            tokenizer = encoder_tokenizer("BAAI/bge-small-en-v1.5")
+        finally:
+            data.hub_reachable.cache_clear()
+    assert str(folder).startswith(str(tmp_path / "hf-cache"))
+    assert (folder / "model.safetensors").is_file() and (folder / "1_Pooling" / "config.json").is_file()
+    assert not (folder / "onnx").exists()  # only what a warm start needs is downloaded
+    assert any(path.endswith("/resolve/" + "0123456789abcdef0123456789abcdef01234567/model.safetensors")
+               for _, path in hub.requests)
+    assert model.config.pooling == "cls"
+    sentences = [p.sentence1 for p in stsb_test[:8]]
+    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    bert = AutoModel.from_pretrained(str(offline_minilm_dir())).eval()
+    with torch.no_grad():
+        ours = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["pooled"]
+        first = bert(**enc).last_hidden_state[:, 0]
+    assert (ours - first).abs().max() < 1e-5

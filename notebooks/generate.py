@@ -1,0 +1,237 @@
+"""Writes the notebooks (no outputs): edit them here, then `python notebooks/generate.py` from the project root."""
+import json, hashlib
+
+BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/spectra-nsa/spectra-nsa/blob/main/notebooks/{name}.ipynb)"
+
+PARAMS = '''REPO_URL = "https://github.com/spectra-nsa/spectra-nsa"  #@param {type:"string"}
+REF = "main"  #@param {type:"string"}
+RUN_NAME = "run1"  #@param {type:"string"}'''
+
+INSTALL = '''import os, sys
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:  # a fresh runtime: fetch the project at REF, install what Colab lacks (its torch and ipywidgets stay)
+    PROJECT = "/content/spectra-nsa"
+    if not os.path.isdir(f"{PROJECT}/.git"):
+        !git clone -q {REPO_URL} {PROJECT} && git -C {PROJECT} checkout -q {REF}
+    MARKER = f"{PROJECT}/.installed"  # written only after a complete install: an interrupted one is redone
+    if not os.path.exists(MARKER):
+        %pip install -q -r {PROJECT}/requirements.txt
+        import accelerate, datasets, pydrive2, transformers  # noqa: F401  (stops here, marker unwritten, if pip failed)
+        open(MARKER, "w").write(REF)
+else:  # this repository (CI, a laptop)
+    PROJECT = os.path.dirname(os.getcwd()) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
+os.chdir(PROJECT)
+sys.path.insert(0, PROJECT)
+print("working in", PROJECT)'''
+
+DRIVE = '''from nsa_lib.environment import RunPaths, mount_drive
+
+drive, note = mount_drive()
+print(note)
+run = RunPaths.for_run(RUN_NAME, drive)
+print("run folder:", run.folder, "| working checkpoints:", run.work)'''
+
+
+def md(text):
+    return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+
+def code(text):
+    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": text}
+
+
+def notebook(name, cells, accelerator):
+    for i, c in enumerate(cells):
+        c["id"] = hashlib.sha1(f"{name}-{i}".encode()).hexdigest()[:8]
+        c["source"] = c["source"].splitlines(keepends=True)
+    meta = {"colab": {"provenance": []}, "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"}}
+    if accelerator:
+        meta = {"accelerator": "GPU", **meta}
+    nb = {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
+    with open(f"notebooks/{name}.ipynb", "w") as f:
+        json.dump(nb, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+COMMON_INTRO = '''**Project, packages and Drive.** `REF` pins the code (a tag or commit); `RUN_NAME` is how every notebook
+finds the run on Drive (`MyDrive/spectra-nsa/<RUN_NAME>/`). In Colab the first cell clones and installs
+(2-3 minutes, once per runtime), then Drive is mounted.'''
+
+setup = [
+    md(f"""# Spectra-NSA · 01 · Set up
+{BADGE.format(name='01_setup')}
+
+Plans a run that finishes in the time you give it, on the hardware it finds, and says why. By default
+the run is a warm start: spectral-entropy attention added to a pretrained encoder (`BASE_MODEL`,
+all-MiniLM-L6-v2), which from its first step scores what that encoder scores. `BASE_MODEL = "none (from
+scratch)"` trains a preset from random weights instead: the plan then times the presets that fit and
+picks the largest one that still trains enough steps in `HOURS` (`PRESET` fixes one). Checks that the data can be read. Writes the plan to the run folder on Drive, where
+`02_train` and `03_monitor` find it by `RUN_NAME`, each on its own runtime.
+
+Takes 2-5 minutes (installs, then timing a few steps per preset). Run all."""),
+    md(COMMON_INTRO),
+    code(PARAMS + '''
+HOURS = 3  #@param {type:"number"}
+BASE_MODEL = "all-MiniLM-L6-v2"  #@param ["all-MiniLM-L6-v2", "bert-base-uncased", "BAAI/bge-small-en-v1.5", "intfloat/e5-small-v2", "none (from scratch)"] {allow-input: true}
+PRESET = "auto"  #@param ["auto", "tiny", "mini", "M456", "M600", "M700", "M1B"]
+DATA = "auto"  #@param ["auto", "msmarco", "snli"]'''),
+    code(INSTALL),
+    code(DRIVE),
+    md("""**This machine and the plan.** A few optimizer steps are timed here (of the base model, or of each
+candidate preset: random tokens at the sequence length, batch and accumulation it trains with); the steps
+that fit in `HOURS` follow."""),
+    code('''from nsa_lib.environment import base_model_name, detect_environment, plan_run
+
+env = detect_environment()
+print(env.describe())
+plan = plan_run(env, HOURS, preset=None if PRESET == "auto" else PRESET, base_model=base_model_name(BASE_MODEL))
+print(plan.reason)'''),
+    md("""**Data.** MS MARCO triplets stream from the Hugging Face Hub (only the rows the run uses); without the
+Hub, SNLI triplets from an offline pack. STS-B (for the quick checks) and the tokenizer likewise."""),
+    code('''from nsa_lib.data import fetch_pack, hub_reachable, load_stsb, load_tokenizer
+
+data = DATA if DATA != "auto" else ("msmarco" if hub_reachable() and not env.smoke else "snli")
+if data == "snli":
+    fetch_pack("snli")
+tokenizer = load_tokenizer()
+print(f"training data: {data}; STS-B test pairs: {len(load_stsb('test'))}; tokenizer vocabulary {tokenizer.vocab_size}")'''),
+    md("""**The run configuration**, written to the run folder. An existing run of this name is kept as it is
+(choose another `RUN_NAME` for a new run)."""),
+    code('''from nsa_lib.environment import environment_dict, read_run_config, save_run_config
+
+if run.config_file.is_file():
+    settings = read_run_config(run)
+    print(f"{RUN_NAME} already exists in {run.folder}: kept ({settings.get('base_model') or settings['preset']}, "
+          f"{settings['max_steps']} steps)")
+else:
+    settings = {"run_name": RUN_NAME, "base_model": plan.base_model, "preset": plan.preset, "precision": plan.precision,
+                "gradient_checkpointing": plan.gradient_checkpointing, "max_steps": plan.max_steps,
+                "hours": HOURS, "plan": plan.reason, "data": data, "environment": environment_dict(env)}
+    print("written to", save_run_config(run, settings))
+settings'''),
+]
+
+train = [
+    md(f"""# Spectra-NSA · 02 · Train
+{BADGE.format(name='02_train')}
+
+Trains the run that `01_setup` planned (found on Drive by `RUN_NAME`), with a live dashboard and a text
+status line every 50 steps (kept in the notebook if the browser reconnects). On a fresh runtime, after a
+disconnect too, Run all resumes from the newest checkpoint on Drive.
+
+Interrupting the training cell saves a checkpoint, copies it to Drive and writes `final/`: nothing
+finished stays only on the runtime. In CI (smoke mode) a few steps of `tiny`, through the same code."""),
+    md(COMMON_INTRO),
+    code(PARAMS + '''
+BASE_MODEL = "all-MiniLM-L6-v2"  #@param ["all-MiniLM-L6-v2", "bert-base-uncased", "BAAI/bge-small-en-v1.5", "intfloat/e5-small-v2", "none (from scratch)"] {allow-input: true}
+MAX_STEPS = 0  #@param {type:"integer"}
+USE_SPECTRAL = True  #@param {type:"boolean"}
+USE_ANCHOR64 = True  #@param {type:"boolean"}
+USE_BRIDGE = True  #@param {type:"boolean"}
+USE_MATRYOSHKA = True  #@param {type:"boolean"}
+USE_ANGULAR = True  #@param {type:"boolean"}
+SAVE_EVERY = 500  #@param {type:"integer"}
+EVAL_EVERY = 500  #@param {type:"integer"}
+BACKUP_EVERY = 3000  #@param {type:"integer"}'''),
+    code(INSTALL),
+    code(DRIVE),
+    md("""**The run's settings**, from its folder (`MAX_STEPS = 0` keeps the plan's steps). `BASE_MODEL` is the
+warm start's pretrained encoder (all-MiniLM-L6-v2 by default; `"none (from scratch)"` for a preset from
+random weights): if it is not the one `01_setup` planned, a run that has not started is re-planned for it,
+and a run that has started keeps its own. If this runtime's GPU is not the one the run was planned on, the
+run keeps its precision, and this says what differs."""),
+    code('''import os
+from nsa_lib.environment import (base_model_name, detect_environment, differences_from_setup, read_run_config,
+                                 settings_for_base_model, training_config)
+
+env = detect_environment()
+settings, notes = settings_for_base_model(run, read_run_config(run), env, base_model_name(BASE_MODEL))
+for note in notes + differences_from_setup(settings, env):
+    print("note:", note)
+options = dict(max_steps=MAX_STEPS or settings["max_steps"], save_every=SAVE_EVERY, eval_every=EVAL_EVERY,
+               backup_every=BACKUP_EVERY, precision=settings["precision"],
+               gradient_checkpointing=settings["gradient_checkpointing"], use_spectral=USE_SPECTRAL,
+               use_anchor64=USE_ANCHOR64, use_bridge=USE_BRIDGE, use_matryoshka=USE_MATRYOSHKA, use_angular=USE_ANGULAR)
+if env.smoke:  # CI: a handful of steps on a slice of the data
+    options.update(max_steps=int(os.environ.get("NSA_SMOKE_STEPS", 6)), save_every=3, eval_every=3, backup_every=6,
+                   eval_pairs=50, max_train_samples=2000)
+config = training_config(settings, **options)
+start = f"warm start from {settings['base_model']}" if settings.get("base_model") else f"{config.size} from scratch"
+print(f"{RUN_NAME}: {start}, {config.max_steps} steps of {config.effective_batch_size} triplets, "
+      f"precision {config.precision}, data {settings['data']}")'''),
+    md("""**Training.** Running this cell again frees the previous trainer first, then continues from the newest
+checkpoint. Stop it at any time: the state is saved and copied to Drive."""),
+    code('''import gc
+from IPython.display import display
+from nsa_lib.dashboard import Dashboard
+from nsa_lib.trainer import Trainer
+
+if "trainer" in globals():  # a rerun: free the previous trainer's memory (GPU included) and its run folder
+    trainer.close()
+    del trainer
+    gc.collect()
+dashboard = Dashboard(total_steps=config.max_steps, min_interval=0 if env.smoke else 5, name=RUN_NAME,
+                      print_every=1 if env.smoke else 50)
+display(dashboard.widget)
+trainer = Trainer(config, data=settings["data"], output_dir=run.folder, checkpoint_dir=run.work, resume="auto",
+                  backup=str(run.backups), callbacks=(dashboard.update,), show_progress=False,
+                  init_from=settings.get("base_model"))
+try:
+    state = trainer.train()
+finally:  # also when interrupted: the figure goes to Drive and stays in this notebook
+    dashboard.show_final(run.folder / "dashboard.png")
+print(f"step {state.step}, skipped {state.skipped}, best quick STS {state.best_sts:.4f} at step {state.best_step}")
+print("final model:", trainer.final_dir, "| best model:", run.folder / "best")'''),
+]
+
+monitor = [
+    md(f"""# Spectra-NSA · 03 · Monitor
+{BADGE.format(name='03_monitor')}
+
+Follows a run from its folder on Drive while it trains in `02_train` on another runtime (or after it
+finished): the dashboard refreshed every few seconds, the health warnings over time, and the quick STS
+checks next to the baseline (all-MiniLM-L6-v2 on the same pairs) and the preset's target. Other runs
+(`EXTRA_RUNS`, by name) are overlaid, e.g. an ablation. A CPU runtime is enough.
+
+Runs as long as you let the refresh loop run (CI: one refresh)."""),
+    md(COMMON_INTRO),
+    code(PARAMS + '''
+EXTRA_RUNS = ""  #@param {type:"string"}
+REFRESH_SECONDS = 10  #@param {type:"integer"}
+REFRESHES = 30  #@param {type:"integer"}'''),
+    code(INSTALL),
+    code(DRIVE),
+    code('''from IPython.display import display
+from nsa_lib.dashboard import Dashboard
+
+runs = [run.folder] + [RunPaths.for_run(name.strip(), drive).folder for name in EXTRA_RUNS.split(",") if name.strip()]
+dashboard = Dashboard(runs)
+dashboard.refresh()
+display(dashboard.widget)'''),
+    md("""**Health over time**: the steps that raised warnings, and the quick STS checks against the baseline and target."""),
+    code('''from IPython.display import HTML
+
+history = dashboard.histories[0]
+flagged = [(r["step"], w) for r in history.steps for w in r.get("warnings", [])]
+rows = "".join(f"<tr><td>{s}</td><td>{w}</td></tr>" for s, w in flagged[-20:]) or "<tr><td colspan=2>no warnings</td></tr>"
+display(HTML(f"<b>health warnings</b><table><tr><th>step</th><th>warning</th></tr>{rows}</table>"))
+evals = "".join(f"<tr><td>{r['step']}</td><td>{r['eval']['sts']:.4f}</td><td>{r['eval'].get('baseline_sts', float('nan')):.4f}</td>"
+                f"<td>{r['eval'].get('target_sts', float('nan')):.3f}</td></tr>" for r in history.evals)
+display(HTML(f"<b>quick STS-B</b><table><tr><th>step</th><th>Spectra-NSA</th><th>all-MiniLM-L6-v2</th><th>target</th></tr>{evals}</table>"))'''),
+    md("""**Auto-refresh**: follows the run while it trains (stop the cell to stop following); the last figure stays
+in the notebook."""),
+    code('''import time
+from nsa_lib.environment import detect_environment
+
+smoke = detect_environment().smoke
+for _ in range(1 if smoke else REFRESHES):
+    time.sleep(0 if smoke else REFRESH_SECONDS)
+    dashboard.refresh()
+dashboard.show_final()
+print("last step seen:", dashboard.status()["step"])'''),
+]
+
+notebook("01_setup", setup, accelerator=True)
+notebook("02_train", train, accelerator=True)
+notebook("03_monitor", monitor, accelerator=False)
