@@ -68,17 +68,29 @@ def main(argv=None):
                     help="steps the peer's schedule is planned for (default: 64 per budget minute, the rate "
                          "measured on 2 CPU cores)")
     ap.add_argument("--compare", nargs="*", default=[], help="Spectra-NSA run or model folders to score alongside")
+    ap.add_argument("--peer-json", default=None,
+                    help="take the peer's row from this earlier --json output instead of training it again")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args(argv)
     stsb = {split: load_stsb(split) for split in ("dev", "test")}
     rows = {}
 
-    model, steps, seconds = train_peer(args.minutes, args.max_steps or round(64 * args.minutes), args.seed)
-    encode = lambda s: model.encode(list(s), batch_size=64, convert_to_tensor=True,  # noqa: E731
-                                    normalize_embeddings=True).cpu()
-    rows["sentence-transformers MNRL"] = {"steps": steps, "train_s": round(seconds), **{
-        f"{split}@384": round(sts_spearman(encode, pairs), 4) for split, pairs in stsb.items()}}
+    from sentence_transformers import SentenceTransformer
+
+    base = SentenceTransformer(str(offline_minilm_dir()), device="cpu")
+    encode_base = lambda s: base.encode(list(s), batch_size=64, convert_to_tensor=True,  # noqa: E731
+                                        normalize_embeddings=True).cpu()
+    rows["all-MiniLM-L6-v2, not trained"] = {"steps": 0, **{
+        f"{split}@384": round(sts_spearman(encode_base, pairs), 4) for split, pairs in stsb.items()}}
+    if args.peer_json:
+        rows["sentence-transformers MNRL"] = json.loads(Path(args.peer_json).read_text())["sentence-transformers MNRL"]
+    else:
+        model, steps, seconds = train_peer(args.minutes, args.max_steps or round(64 * args.minutes), args.seed)
+        encode = lambda s: model.encode(list(s), batch_size=64, convert_to_tensor=True,  # noqa: E731
+                                        normalize_embeddings=True).cpu()
+        rows["sentence-transformers MNRL"] = {"steps": steps, "train_s": round(seconds), **{
+            f"{split}@384": round(sts_spearman(encode, pairs), 4) for split, pairs in stsb.items()}}
     print(json.dumps({"sentence-transformers MNRL": rows["sentence-transformers MNRL"]}), flush=True)
 
     tokenizer = load_tokenizer()

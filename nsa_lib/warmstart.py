@@ -8,7 +8,9 @@ pooling: mean, or CLS where its sentence-transformers folder says so, as BGE's),
 What Spectra-NSA adds starts at zero so that, at step 0, the model computes what the encoder computes:
 
 - the fractal weight w = 0: A + w·N = A (the fractal term still gets a gradient, dL/dw = Σ dL/dA ⊙ N);
-- the spectral fusion weight f = 0: clamp(f, 0, 0.5)·st(sy) = 0 (f gets a gradient: clamp passes it at 0);
+- the spectral path's output projection st = 0, its fusion weight f = 0.1: clamp(f, 0, 0.5)·st(sy) = 0, and st
+  gets the gradient f·(…) from the first step (with f = 0 instead, st would get none, and the first step
+  that lowered f below 0 would switch the path off for good: clamp passes no gradient there);
 - the semantic head maps the pooled vector p to z = [p, -p, 0, ...]: z has mean 0, so its LayerNorm
   (gain 1, shift 0) only rescales it, and cos(z, z') = cos(p, p'): `embedding_semantic` scores exactly
   what the encoder's mean-pooled embedding scores (needs sem_dims[0] >= 2·hidden; otherwise z = p,
@@ -100,7 +102,9 @@ def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def config_for_encoder(hf: dict[str, Any], **overrides: Any) -> NSAConfig:
     """An NSAConfig of architecture 'bert' with the encoder's shapes; Spectra-NSA's additions sized from
-    the hidden width (spectral_dim hidden/4), starting at zero (fractal_init, spectral_fusion_init 0)."""
+    the hidden width (spectral_dim hidden/4); the fractal term starts at zero (fractal_init 0) and the
+    spectral path's fusion weight at the original's 0.1 (its output projection is zeroed by
+    `from_pretrained_encoder`)."""
     if hf.get("model_type", "bert") != "bert" or hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"not a BERT-layout encoder (model_type {hf.get('model_type')!r}, hidden_act "
                          f"{hf.get('hidden_act')!r}); from_pretrained_encoder takes BERT, MiniLM, BGE, E5 and the like")
@@ -110,7 +114,7 @@ def config_for_encoder(hf: dict[str, Any], **overrides: Any) -> NSAConfig:
         hidden_size=H, num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
         intermediate_size=hf["intermediate_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
-        spectral_dim=max(16, H // 4), anomalous_dim=max(1024, 2 * H), fractal_init=0.0, spectral_fusion_init=0.0,
+        spectral_dim=max(16, H // 4), anomalous_dim=max(1024, 2 * H), fractal_init=0.0, spectral_fusion_init=0.1,
         pooling="mean", max_length=min(256, hf["max_position_embeddings"]),
         # the pretrained weights at sentence-transformers' fine-tuning rate (2e-5, which keeps what they know),
         # the new parts (heads, spectral path, fractal term: random or zero) ten times faster; 10% warm-up
@@ -164,8 +168,20 @@ def from_pretrained_encoder(model_class, name_or_path: str | Path, **overrides: 
                                  f"{tuple(ours[name].shape)}")
             ours[name].copy_(state[theirs])
         _start_semantic_head_as_the_encoder(model)
+        _start_spectral_path_at_zero(model)
     logger.info("warm start from %s: %d encoder tensors copied", folder, len(mapping))
     return model
+
+
+def _start_spectral_path_at_zero(model) -> None:
+    """The spectral path adds clamp(f, 0, 0.5)·st(sy) to each block: zero when st's weights are zero, with
+    f > 0 so that st learns from the first step (dL/dst = f·…). Zeroing f instead would leave st's
+    gradient at zero and clamp's at f < 0: the first step that lowers f would switch the path off for good."""
+    for layer in model.backbone.layers:
+        attn = layer.attn
+        if getattr(attn, "st", None) is not None:
+            attn.st.weight.zero_()
+            attn.st.bias.zero_()
 
 
 def _start_semantic_head_as_the_encoder(model) -> None:

