@@ -98,6 +98,9 @@ class NSAConfig:
     backbone_lr: float | None = None  # learning rate of a warm start's pretrained weights; None: lr
     freeze_backbone_steps: int = 0  # a warm start's pretrained weights stay fixed for this many optimizer steps
     weight_decay: float = 0.05
+    # batches of similar-length triplets (less padding, faster steps); False: batches drawn at random, as
+    # sentence-transformers draws them (a warm start's default: see nsa_lib.warmstart)
+    group_by_length: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.08
     max_grad_norm: float = 1.0

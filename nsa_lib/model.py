@@ -219,13 +219,15 @@ class NSAModel(nn.Module):
         self.backbone.gradient_checkpointing = enabled
 
     def pretrained_parameter_names(self) -> list[str]:
-        """The parameters a warm start copies from the encoder (architecture 'bert'): the backbone less
-        what Spectra-NSA adds to its attention. Empty for the original architecture (all trained anew)."""
+        """The parameters a warm start takes from the encoder (architecture 'bert'): the backbone less what
+        Spectra-NSA adds to its attention, and the semantic head, which starts as the encoder's own
+        embedding. Empty for the original architecture (all trained anew)."""
         if self.config.architecture != "bert":
             return []
         added = (".attn.sq.", ".attn.sk.", ".attn.sv.", ".attn.st.", ".attn.fractal_weights",
                  ".attn.spectral_fusion_weight")
-        return [n for n, _ in self.named_parameters() if n.startswith("backbone.") and not any(a in n for a in added)]
+        return [n for n, _ in self.named_parameters()
+                if n.startswith("sem_head.") or n.startswith("backbone.") and not any(a in n for a in added)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -255,7 +255,8 @@ class Trainer:
         triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples, seed=c.seed)
         train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)
         tokenized = TokenizedTriplets.build(train, self.tokenizer, c.max_length)
-        self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0)
+        self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0,
+                                      group_factor=50 if c.group_by_length else 1)
         per_epoch = len(self.batches) // (c.grad_accum * self.world)
         if per_epoch == 0:
             raise ValueError(f"{len(train)} training triplets make no optimizer step of "

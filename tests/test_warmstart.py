@@ -168,7 +168,8 @@ def test_pretrained_weights_learn_slower_and_can_be_frozen_first(tmp_path):
     model = trainer.accelerator.unwrap_model(trainer.model)
     pretrained = set(model.pretrained_parameter_names())
     assert "backbone.layers.0.attn.q.weight" in pretrained and "backbone.layers.0.attn.sq.weight" not in pretrained
-    assert "sem_head.proj.weight" not in pretrained and len(pretrained) == 2 + 3 + 6 * 16
+    assert "sem_head.proj.weight" in pretrained and "retr.0.weight" not in pretrained  # it starts as the encoder's
+    assert len(pretrained) == 2 + 3 + 6 * 16 + 4
     lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
     assert lrs == [2e-5, 2e-4]
     take = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
@@ -178,14 +179,13 @@ def test_pretrained_weights_learn_slower_and_can_be_frozen_first(tmp_path):
     start, step2, step3 = snapshots[0], snapshots[2], snapshots[3]
     frozen_ok = all(torch.equal(start[n], step2[n]) for n in pretrained)
     assert frozen_ok  # the first two steps leave the encoder's weights as they were
-    assert not torch.equal(start["sem_head.proj.weight"], step2["sem_head.proj.weight"])  # the new parts learn
+    assert not torch.equal(start["retr.0.weight"], step2["retr.0.weight"])  # the new parts learn
     assert any(not torch.equal(step2[n], step3[n]) for n in pretrained)  # then the encoder learns too
 
 
 def encoder_copy(folder, pooling=None, with_tokenizer=True):
     """all-MiniLM-L6-v2's config and weights in `folder`, with a sentence-transformers pooling config."""
     import json
-    import shutil
 
     source = offline_minilm_dir()
     folder.mkdir(parents=True, exist_ok=True)
