@@ -8,8 +8,8 @@ tensors and plain containers, plus the few numpy types that the original Spectra
 Both numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) spell those types, and both are accepted.
 
 A file that names anything else is refused with `UnsafeFileError`, which names what its pickle calls and
-how to re-save a file you made yourself without it. There is no opt-in to unpickle it: nsa_lib never loads
-a `.pt` file with `weights_only=False`.
+how to re-save a file you made yourself without it. There is no opt-in to unpickle it: every `torch.load`
+in nsa_lib is weights-only (tests/test_safe_load.py checks the source for any other).
 
 Not handled here: safetensors files (they hold no code and load through `safetensors` directly).
 """

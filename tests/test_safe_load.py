@@ -154,3 +154,20 @@ def test_resume_from_a_poisoned_backup_refuses(tmp_path, trained_run, data, kind
                     triplets=triplets, show_progress=False, backup=target)
     assert (tmp_path / "fresh" / "checkpoints" / ckpt.name / STATE_FILE).is_file()  # it was fetched, then refused
     assert not marker.exists()
+
+
+def test_every_torch_load_in_nsa_lib_is_weights_only():
+    """Read from the source: each `torch.load(...)` call in nsa_lib passes `weights_only=True`."""
+    import ast
+    from pathlib import Path
+
+    import nsa_lib
+
+    calls = []
+    for path in sorted(Path(nsa_lib.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                flag = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                calls.append((path.name, node.lineno, isinstance(flag, ast.Constant) and flag.value is True))
+    assert calls and all(ok for _, _, ok in calls), calls
