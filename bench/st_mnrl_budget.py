@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_lib import NSAModel  # noqa: E402
 from nsa_lib.data import load_snli_triplets, load_stsb, load_tokenizer, offline_minilm_dir  # noqa: E402
-from nsa_lib.evaluate import nsa_encoder, sts_spearman  # noqa: E402
+from nsa_lib.evaluate import baseline_encoder, nsa_encoder, st_encoder, sts_spearman  # noqa: E402
 
 
 def train_peer(minutes: float, max_steps: int, seed: int):
@@ -76,21 +76,14 @@ def main(argv=None):
     stsb = {split: load_stsb(split) for split in ("dev", "test")}
     rows = {}
 
-    from sentence_transformers import SentenceTransformer
-
-    base = SentenceTransformer(str(offline_minilm_dir()), device="cpu")
-    encode_base = lambda s: base.encode(list(s), batch_size=64, convert_to_tensor=True,  # noqa: E731
-                                        normalize_embeddings=True).cpu()
     rows["all-MiniLM-L6-v2, not trained"] = {"steps": 0, **{
-        f"{split}@384": round(sts_spearman(encode_base, pairs), 4) for split, pairs in stsb.items()}}
+        f"{split}@384": round(sts_spearman(baseline_encoder(), pairs), 4) for split, pairs in stsb.items()}}
     if args.peer_json:
         rows["sentence-transformers MNRL"] = json.loads(Path(args.peer_json).read_text())["sentence-transformers MNRL"]
     else:
         model, steps, seconds = train_peer(args.minutes, args.max_steps or round(64 * args.minutes), args.seed)
-        encode = lambda s: model.encode(list(s), batch_size=64, convert_to_tensor=True,  # noqa: E731
-                                        normalize_embeddings=True).cpu()
         rows["sentence-transformers MNRL"] = {"steps": steps, "train_s": round(seconds), **{
-            f"{split}@384": round(sts_spearman(encode, pairs), 4) for split, pairs in stsb.items()}}
+            f"{split}@384": round(sts_spearman(st_encoder(model), pairs), 4) for split, pairs in stsb.items()}}
     print(json.dumps({"sentence-transformers MNRL": rows["sentence-transformers MNRL"]}), flush=True)
 
     tokenizer = load_tokenizer()

@@ -26,10 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsa_lib import NSAConfig, NSAModel  # noqa: E402
 from nsa_lib.data import load_tokenizer, offline_minilm_dir  # noqa: E402
+from nsa_lib.losses import info_nce  # noqa: E402
+from nsa_lib.model import masked_mean  # noqa: E402
 from nsa_lib.trainer import Trainer  # noqa: E402
 from nsa_lib.warmstart import encoder_config, encoder_folder  # noqa: E402
 
@@ -45,12 +48,6 @@ def sides(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     n = ids.shape[0] // 3
     return [trimmed(ids[k * n:(k + 1) * n], mask[k * n:(k + 1) * n]) for k in range(3)]
-
-
-def mnrl(anchor: torch.Tensor, candidates: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
-    """sentence-transformers' MultipleNegativesRankingLoss: cross-entropy over scaled cosines."""
-    scores = torch.nn.functional.normalize(anchor, dim=-1) @ torch.nn.functional.normalize(candidates, dim=-1).T
-    return torch.nn.functional.cross_entropy(scale * scores, torch.arange(len(anchor)))
 
 
 def make_trainer(config: NSAConfig, init_from: str | None, folder: Path, tokenizer) -> Trainer:
@@ -100,7 +97,7 @@ def main(argv=None):
 
             def backbone_step(n):
                 a, p, neg = (mean_pooled(backbone_model, s) for s in sides(batches[n]))
-                mnrl(a, torch.cat([p, neg])).backward()
+                info_nce(a, p, 0.05, extra_keys=neg, gather=False).backward()  # MNRL: scale 20 = 1 / 0.05
                 torch.nn.utils.clip_grad_norm_(backbone_model.backbone.parameters(), 1.0)
                 backbone_opt.step()
                 backbone_opt.zero_grad(set_to_none=True)
@@ -149,9 +146,9 @@ def main(argv=None):
 
 
 def mean_pooled(model: NSAModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
-    hidden = model.backbone(features["input_ids"], features["attention_mask"])
-    mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    """The backbone's mean-pooled output, L2-normalised (as MNRL's cosines take it)."""
+    mask = features["attention_mask"].ne(0)
+    return F.normalize(masked_mean(model.backbone(features["input_ids"], mask), mask), dim=-1)
 
 
 if __name__ == "__main__":

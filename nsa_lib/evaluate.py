@@ -74,7 +74,11 @@ def baseline_encoder(batch_size: int = 64) -> Encoder:
     from sentence_transformers import SentenceTransformer
 
     source = "sentence-transformers/all-MiniLM-L6-v2" if hub_reachable() else str(offline_minilm_dir())
-    model = SentenceTransformer(source, device="cpu")
+    return st_encoder(SentenceTransformer(source, device="cpu"), batch_size)
+
+
+def st_encoder(model, batch_size: int = 64) -> Encoder:
+    """A SentenceTransformer as an Encoder: normalised embeddings on the CPU."""
     return lambda sentences: model.encode(list(sentences), batch_size=batch_size, convert_to_tensor=True,
                                           normalize_embeddings=True).cpu()
 
