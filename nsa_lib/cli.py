@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .ablation import ABLATION_TOGGLES, DEFAULT_TASKS as ABLATION_TASKS, VARIANTS
 from .config import PRESETS, PRECISIONS, NSAConfig, estimate_parameters, estimate_training_memory, format_bytes
 from .evaluate import TASKS as EVAL_TASKS
 
@@ -80,10 +81,7 @@ TRAIN_FLAGS = {  # flag -> NSAConfig field
     "max_train_samples": "max_train_samples", "backbone_lr": "backbone_lr",
     "freeze_backbone_steps": "freeze_backbone_steps",
 }
-TOGGLES = {  # the original's ablation flags -> NSAConfig field set to False
-    "no_spectral": "use_spectral", "no_anchor64": "use_anchor64", "no_bridge": "use_bridge",
-    "no_matry": "use_matryoshka", "no_angular": "use_angular",
-}
+TOGGLES = ABLATION_TOGGLES  # the original's ablation flags -> NSAConfig field set to False
 
 
 def explicit_settings(args: argparse.Namespace) -> dict:
@@ -212,6 +210,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+    from .report import ablation_table
+
+    args.resume = None
+    for flag in TOGGLES:
+        setattr(args, flag, False)
+    results = run_ablation(config_from_args(args), args.output_dir, data=args.data, init_from=args.init_from,
+                           variants=args.variants, tasks=args.tasks, limit=args.limit, overwrite=args.overwrite,
+                           show_progress=not args.no_progress)
+    print(ablation_table(results))
+    print(f"report (every metric, figures): {Path(args.output_dir) / 'report'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nsa_lib", description="Spectra-NSA command line.")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -277,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="the model's column name in the report (default Spectra-NSA)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("ablate", help="train the same budget with each component off, evaluate each alike "
+                                      "(resumable: a finished variant is not retrained)")
+    a.add_argument("--size", help=f"preset (from scratch): one of {', '.join(PRESETS)}")
+    a.add_argument("--init-from", help="warm start every variant from this encoder (e.g. all-MiniLM-L6-v2)")
+    a.add_argument("--data", default="snli", help="snli (offline), msmarco (Hub) or a triplet file")
+    a.add_argument("--output-dir", default="runs/ablate", help="one run folder per variant, and report/")
+    a.add_argument("--variants", default="all", help="comma-separated, from: all, " + ", ".join(VARIANTS))
+    a.add_argument("--tasks", default=",".join(ABLATION_TASKS), help="evaluation tasks (as eval's --tasks)")
+    a.add_argument("--limit", type=int, help="at most this many pairs / queries / texts per evaluation set")
+    a.add_argument("--overwrite", action="store_true", help="start over in --output-dir")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for flag in ("epochs", "max_steps", "seed", "batch_size", "grad_accum", "max_length", "lr", "precision",
+                 "save_every", "eval_every", "max_train_samples", "backbone_lr"):
+        kind = {"lr": float, "backbone_lr": float, "precision": str}.get(flag, int)
+        a.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"as train's --{flag.replace('_', '-')}")
+    a.set_defaults(func=cmd_ablate, gradient_checkpointing=False, mini_batch_size=None, backup_every=None,
+                   freeze_backbone_steps=None)
     return parser
 
 

@@ -41,15 +41,34 @@ def scalar_rows(results: dict[str, dict[str, dict]]) -> list[tuple[str, str, dic
     return rows
 
 
-def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    """One row per task and metric, one column per subject ('–' where a subject lacks the task)."""
+def markdown_table(results: dict[str, dict[str, dict]], *, outputs: bool = True) -> str:
+    """One row per task and metric, one column per subject ('–' where a subject lacks the task); with
+    `outputs`, a second table of every output's score."""
     subjects = list(results)
     lines = ["| task | metric | " + " | ".join(subjects) + " |", "|---|---|" + "---|" * len(subjects)]
     for task, metric, values in scalar_rows(results):
         cells = [f"{values[s]:.4f}" if s in values else "–" for s in subjects]
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    outputs = _outputs_table(results)
-    return "\n".join(lines) + ("\n\n" + outputs if outputs else "") + "\n"
+    per_output = _outputs_table(results) if outputs else ""
+    return "\n".join(lines) + ("\n\n" + per_output if per_output else "") + "\n"
+
+
+def ablation_table(results: dict[str, dict[str, dict]], reference: str = "full") -> str:
+    """One row per variant, one column per task's headline metric, each with its difference to `reference`."""
+    columns = [(t, m) for t, m, _ in scalar_rows(results) if m == HEADLINE.get(_family(t))]
+    lines = ["| variant | " + " | ".join(f"{t} {m}" for t, m in columns) + " |", "|---|" + "---|" * len(columns)]
+    ref = results.get(reference, {})
+    for variant, per_task in results.items():
+        cells = []
+        for t, m in columns:
+            if t not in per_task:
+                cells.append("–")
+                continue
+            value = per_task[t][m]
+            delta = f" ({value - ref[t][m]:+.4f})" if variant != reference and t in ref else ""
+            cells.append(f"{value:.4f}{delta}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _outputs_table(results: dict[str, dict[str, dict]]) -> str:
@@ -133,13 +152,16 @@ def anomaly_histogram(results: dict[str, dict[str, dict]]):
     return fig
 
 
-def write_report(results: dict[str, dict[str, dict]], folder: str | Path, *, title: str = "Evaluation") -> dict[str, Path]:
-    """results.json, results.md and the figures (those with data) in `folder`; returns name -> path."""
+def write_report(results: dict[str, dict[str, dict]], folder: str | Path, *, title: str = "Evaluation",
+                 ablation: bool = False) -> dict[str, Path]:
+    """results.json, results.md and the figures (those with data) in `folder`; returns name -> path.
+    `ablation`: results.md starts with `ablation_table` (variants as rows, differences to 'full')."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {"json": folder / "results.json", "markdown": folder / "results.md"}
     _write_atomic(written["json"], json.dumps(results, indent=1))
-    _write_atomic(written["markdown"], f"# {title}\n\n" + markdown_table(results))
+    head = ablation_table(results) + "\n" if ablation else ""
+    _write_atomic(written["markdown"], f"# {title}\n\n" + head + markdown_table(results))
     figures: dict[str, Any] = {"tasks": task_bars(results)}
     if any("matryoshka" in r for r in results.values()):
         figures["matryoshka"] = matryoshka_curve(results)
