@@ -232,6 +232,105 @@ dashboard.show_final()
 print("last step seen:", dashboard.status()["step"])'''),
 ]
 
+evaluate = [
+    md(f"""# Spectra-NSA · 04 · Evaluate
+{BADGE.format(name='04_evaluate')}
+
+Evaluates a run's model (found on Drive by `RUN_NAME`, or any local folder) on every task, side by side
+with the baseline a user would otherwise pick (all-MiniLM-L6-v2, measured live): STS-B for every output and
+Matryoshka dim (SICK-R and STS12-16 when the Hub is reachable), retrieval (held-out triplets, SNLI test,
+NanoMSMARCO), clustering, the Matryoshka curve, anomaly detection against out-of-domain text (WordNet
+glosses), and the spectral entropy. Results go to the run folder (`eval/`). An optional last section
+trains the ablation variants on one budget and compares them.
+
+Takes 10-20 minutes on a CPU runtime for a MiniLM-sized model and the baseline (a GPU: a few minutes);
+the ablation, when switched on, as long as its training. In CI (smoke mode) a few texts per task."""),
+    md(COMMON_INTRO),
+    code(PARAMS + '''
+MODEL = "best"  #@param ["best", "final"]
+MODEL_FOLDER = ""  #@param {type:"string"}
+TASKS = "all"  #@param {type:"string"}
+COMPARE_BASELINE = True  #@param {type:"boolean"}
+RUN_ABLATION = False  #@param {type:"boolean"}
+ABLATION_STEPS = 300  #@param {type:"integer"}'''),
+    code(INSTALL),
+    code(DRIVE),
+    md("""**The model**: the run's `best/` (highest quick STS) or `final/` model from Drive, the other if that one
+does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""),
+    code('''from pathlib import Path
+from nsa_lib.environment import detect_environment
+from nsa_lib.evaluate import load_for_eval, model_tokenizer
+
+import torch
+
+env = detect_environment()
+model, where = load_for_eval(Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder, prefer=MODEL)
+tokenizer = model_tokenizer(where)
+if torch.cuda.is_available():
+    model = model.cuda()
+print(f"{where}: {model.num_parameters() / 1e6:.1f}M parameters, hidden {model.config.hidden_size}, "
+      f"{model.config.num_layers} layers ({'BERT block' if model.config.architecture == 'bert' else 'preset ' + model.config.size})")'''),
+    md("""**Evaluation**, with a progress bar over the tasks; the baseline runs the same tasks (those it has an
+output for). The table, the figures and `results.json` are written to the run folder's `eval/`."""),
+    code('''from nsa_lib.evaluate import baseline_encoder, encoder_subject, evaluate, model_subject
+from nsa_lib.report import markdown_table, write_report
+
+limit = 40 if env.smoke else None  # CI: a few texts per task, the same code
+results = {"Spectra-NSA": evaluate(model_subject(model, tokenizer), TASKS, limit=limit)}
+if COMPARE_BASELINE:
+    results["all-MiniLM-L6-v2"] = evaluate(encoder_subject(baseline_encoder()), TASKS, limit=limit)
+out = (Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder) / "eval"
+written = write_report(results, out, title=f"Evaluation of {where}")
+print("written:", ", ".join(p.name for p in written.values()), "to", out)'''),
+    md("""**Results**: one row per task and metric (the headline output: `embedding_semantic` for STS,
+`embedding_ranking` for retrieval), then every output and Matryoshka dim."""),
+    code('''from IPython.display import Image, Markdown, display
+
+display(Markdown(markdown_table(results)))'''),
+    md("""**Per task against the baseline**, **the Matryoshka curve** (STS-B test over the dims, and how well each
+dim keeps the largest one's ranking) and **anomaly scores**, in-domain (SNLI test) against out-of-domain
+(WordNet glosses)."""),
+    code('''for name in ("tasks", "matryoshka", "anomaly"):
+    if name in written:
+        display(Image(filename=str(written[name])))'''),
+    md("""**Try it**: rank your own sentences against a query (cosine of `embedding_semantic`)."""),
+    code('''QUERY = "A man is playing a guitar on stage."  #@param {type:"string"}
+SENTENCES = ["Someone performs music for a crowd.", "A woman is slicing vegetables.",
+             "The musician tunes his instrument.", "Two dogs run across a field."]
+from nsa_lib.evaluate import encode
+
+vectors = encode(model, tokenizer, [QUERY] + SENTENCES)
+for score, sentence in sorted(zip((vectors[1:] @ vectors[0]).tolist(), SENTENCES), reverse=True):
+    print(f"{score:+.3f}  {sentence}")'''),
+    md("""**Ablation** (`RUN_ABLATION`): the same budget (`ABLATION_STEPS`) with the full model and with each
+component off (`no-spectral`, `no-anchor64`, `no-bridge`, `no-matry`, `no-angular`), each evaluated the same
+way, into the run folder's `ablation/`. It resumes: a variant already trained and evaluated is read back,
+so a reconnect loses at most the variant in progress. Each variant trains for about as long as
+`ABLATION_STEPS` steps take (see `02_train`)."""),
+    code('''from nsa_lib import NSAConfig
+from nsa_lib.ablation import run_ablation
+from nsa_lib.environment import read_run_config
+from nsa_lib.report import ablation_table
+
+if RUN_ABLATION or env.smoke:
+    settings = read_run_config(run) if run.config_file.is_file() else {}
+    base = settings.get("base_model")
+    if env.smoke:  # CI: two variants, two steps each
+        config, base, variants, steps = NSAConfig.from_preset("tiny"), None, "full,no-spectral", 2
+    else:
+        from nsa_lib.warmstart import encoder_config
+        config = encoder_config(base) if base else NSAConfig.from_preset(settings.get("preset", "mini"))
+        variants, steps = "all", ABLATION_STEPS
+    config = NSAConfig.from_dict({**config.to_dict(), "max_steps": steps, "save_every": max(1, steps // 4),
+                                  "eval_every": max(1, steps // 2), "backup_every": 0})
+    ablation = run_ablation(config, run.folder / "ablation", data=settings.get("data", "snli"), init_from=base,
+                            variants=variants, tasks="stsb,retrieval,clustering" if not env.smoke else "stsb",
+                            limit=limit)
+    display(Markdown(ablation_table(ablation)))
+    display(Image(filename=str(run.folder / "ablation" / "report" / "tasks.png")))'''),
+]
+
 notebook("01_setup", setup, accelerator=True)
 notebook("02_train", train, accelerator=True)
 notebook("03_monitor", monitor, accelerator=False)
+notebook("04_evaluate", evaluate, accelerator=False)

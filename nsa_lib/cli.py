@@ -156,35 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_eval(path: Path):
-    """A model from a save_pretrained folder, a checkpoint folder, or a run folder (its final model, else
-    its newest checkpoint)."""
-    from .model import NSAModel
-    from .trainer import list_checkpoints
-
-    for candidate in (path, path / "final", *reversed(list_checkpoints(path))):
-        if (candidate / "model.safetensors").is_file():
-            return NSAModel.from_pretrained(candidate), candidate
-    raise FileNotFoundError(f"no model under {path}: expected model.safetensors in it, in final/ or in a checkpoint")
-
-
-def model_tokenizer(folder: Path):
-    """The tokenizer saved with a model, else bert-base-uncased's (the default vocabulary)."""
-    from .data import load_tokenizer
-
-    for candidate in (folder, folder.parent):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(candidate))
-    return load_tokenizer()
-
-
 BASELINES = {"minilm": "all-MiniLM-L6-v2"}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import baseline_encoder, encoder_subject, evaluate, model_subject, parse_tasks
+    from .evaluate import baseline_encoder, encoder_subject, evaluate, load_for_eval, model_subject, model_tokenizer, parse_tasks
     from .report import markdown_table, write_report
 
     if not args.checkpoint and not args.baseline:

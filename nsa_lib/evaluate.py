@@ -35,6 +35,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -125,6 +126,37 @@ def st_encoder(model, batch_size: int = 64) -> Encoder:
     """A SentenceTransformer as an Encoder: normalised embeddings on the CPU."""
     return lambda sentences: model.encode(list(sentences), batch_size=batch_size, convert_to_tensor=True,
                                           normalize_embeddings=True).cpu()
+
+
+def load_for_eval(path: str | Path, prefer: str = "final"):
+    """(model in eval mode, the folder it came from) from a save_pretrained folder, a checkpoint folder, or a
+    run folder: its `prefer` model ('final' or 'best'), else the other, else its newest checkpoint."""
+    from .model import NSAModel
+    from .runfolder import list_checkpoints
+
+    path = Path(path)
+    if prefer not in ("final", "best"):
+        raise ValueError(f"prefer must be 'final' or 'best', got {prefer!r}")
+    order = (prefer, "best" if prefer == "final" else "final")
+    for candidate in (path, *(path / name for name in order), *reversed(list_checkpoints(path))):
+        if (candidate / "model.safetensors").is_file():
+            return NSAModel.from_pretrained(candidate).eval(), candidate
+    raise FileNotFoundError(f"no model under {path}: expected model.safetensors in it, in final/ or best/, "
+                            f"or in a checkpoint")
+
+
+def model_tokenizer(folder: str | Path):
+    """The tokenizer saved with a model (in its folder or the run folder above), else bert-base-uncased's
+    (the vocabulary of the presets and of the BERT-family encoders a warm start takes)."""
+    from .data import load_tokenizer
+
+    folder = Path(folder)
+    for candidate in (folder, folder.parent):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(candidate))
+    return load_tokenizer()
 
 
 @dataclass

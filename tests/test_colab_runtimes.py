@@ -10,6 +10,7 @@ deleted when it ends, as a disconnect wipes Colab's disk, so no later runtime ca
     runtime 2   02_train for "run1", interrupted mid-run (the stop button: KeyboardInterrupt)
     runtime 3   02_train for "run1" again, as opened from its badge after a disconnect: resumes from Drive
     runtime 4   03_monitor for "run1": the finished run, read from Drive
+    runtime 5   04_evaluate for "run1": its best model from Drive, against the baseline; results to Drive
 """
 import json
 import os
@@ -110,6 +111,18 @@ def test_each_notebook_on_its_own_runtime_sharing_only_drive(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"last step seen: {STEPS}" in outputs_text(rt4 / "03_monitor.out.ipynb")
     end(rt4)
+
+    rt5, env = new_runtime(tmp_path, "runtime5")
+    done = run_notebook(rt5, env, "04_evaluate")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((runs / "run1" / "eval" / "results.json").read_text())
+    assert set(results) == {"Spectra-NSA", "all-MiniLM-L6-v2"}
+    assert "anomaly" in results["Spectra-NSA"] and "anomaly" not in results["all-MiniLM-L6-v2"]
+    assert -1 <= results["all-MiniLM-L6-v2"]["stsb-test"]["spearman"] <= 1
+    assert {"tasks.png", "matryoshka.png", "anomaly.png", "results.md"} <= {p.name for p in (runs / "run1" / "eval").iterdir()}
+    ablation = json.loads((runs / "run1" / "ablation" / "report" / "results.json").read_text())
+    assert set(ablation) == {"full", "no-spectral"}
+    end(rt5)
 
     # the run resumed exactly: every step's loss equals the uninterrupted run's
     expected, got = step_losses(runs / "ref" / "metrics.jsonl"), step_losses(runs / "run1" / "metrics.jsonl")
