@@ -4,7 +4,8 @@ For a batch of (anchor, positive, negative) triplets, with InfoNCE(q, k) = CE(q 
 
     sem      Σ_dim w_dim · symmetric InfoNCE on embedding_semantic[dim]        (Matryoshka: 768, 512, 256)
     anchor   symmetric InfoNCE on anchor64
-    bridge   0.5 · Σ_{anchor, positive} MSE(normalize(sem_min[:e]), entity_e)  (e = smallest entity dim)
+    bridge   0.5 · Σ_{anchor, positive} MSE(normalize(sem_min[:e]), entity_e)  (e = smallest entity dim;
+             sem_min detached with `detach_aux_heads`, so that only `sem` moves the backbone)
     fast     symmetric InfoNCE + TripletMargin(0.3) on retrieval128
     rank     symmetric InfoNCE + TripletMargin(0.3) on embedding_ranking
     angular  MSE of the (pos, neg) cosines at retrieval128 vs the detached ranking embedding's
@@ -204,9 +205,13 @@ class NSALoss(nn.Module):
             terms["anchor"] = nce("anchor64")
         if "bridge" in self.weights:
             d, e = c.sem_dims[-1], c.ent_dims[-1]
-            terms["bridge"] = 0.5 * sum(
-                F.mse_loss(F.normalize(out["embedding_semantic"][d][:, :e], dim=-1), out["entity"][e])
-                for out in (anchor, positive))
+
+            def semantic(out):  # with detach_aux_heads the bridge moves the entity head only
+                sem = out["embedding_semantic"][d][:, :e]
+                return sem.detach() if c.detach_aux_heads else sem
+
+            terms["bridge"] = 0.5 * sum(F.mse_loss(F.normalize(semantic(out), dim=-1), out["entity"][e])
+                                        for out in (anchor, positive))
         for name, key in (("fast", "retrieval128"), ("rank", "embedding_ranking")):
             if name in self.weights:
                 terms[name] = nce(key) + self.triplet(anchor[key], positive[key], negative[key])

@@ -107,6 +107,45 @@ def test_the_spectral_path_is_still_on_after_training(tmp_path):
     trainer.close()
 
 
+def test_the_random_heads_train_without_pulling_the_backbone(tmp_path):
+    """A warm start's auxiliary losses (anchor, bridge, fast, rank, angular, spec) train their heads only:
+    the backbone and the semantic head get no gradient from them, yet every head does, and the outputs are
+    those of the same weights without the detachment. The semantic loss still reaches the backbone."""
+    from nsa_lib.losses import NSALoss
+    from nsa_lib.warmstart import encoder_config
+
+    assert encoder_config(offline_minilm_dir()).detach_aux_heads  # the warm start's default
+    torch.manual_seed(0)
+    model = NSAModel.from_pretrained_encoder(offline_minilm_dir(), dropout=0.0).train()
+    attached = NSAModel(NSAConfig.from_dict({**model.config.to_dict(), "detach_aux_heads": False}))
+    attached.load_state_dict(model.state_dict())
+    tokenizer = load_tokenizer(source="offline")
+    texts = [["A man plays a guitar.", "A dog runs."], ["Someone makes music.", "An animal moves."],
+             ["A man is asleep.", "A cat sleeps."]]
+    batches = [tokenizer(t, padding=True, return_tensors="pt") for t in texts]
+    aux_only = NSAConfig.from_dict({**model.config.to_dict(), "loss_weights": {"sem": 0.0}})
+
+    def grads(m, config):
+        m.zero_grad()
+        outs = [m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in batches]
+        loss = NSALoss(config, gather=False)(*outs, temperature=0.05)
+        loss.total.backward()
+        return outs, {n: p.grad for n, p in m.named_parameters()}
+
+    outs, g = grads(model, aux_only)
+    outs_attached, g_attached = grads(attached, aux_only)
+    for key in ("embedding_ranking", "retrieval128", "anchor64", "anomaly_score"):
+        assert torch.equal(outs[0][key], outs_attached[0][key]), key
+    backbone = [n for n in g if n.startswith(("backbone.", "sem_head."))]
+    assert all(g[n] is None or not g[n].any() for n in backbone)
+    assert any(g_attached[n] is not None and g_attached[n].abs().max() > 0 for n in backbone)
+    for head in ("ent_head.proj.weight", "retr.0.weight", "anchor.0.weight", "rank_head.to_anom.0.weight",
+                 "rank_head.out.0.weight"):
+        assert g[head].abs().max() > 0, head
+    _, g = grads(model, model.config)  # with the semantic loss: the backbone learns
+    assert g["backbone.layers.0.attn.q.weight"].abs().max() > 0
+
+
 def test_the_flavour_round_trips_and_counts(warm, tmp_path):
     config = warm.config
     assert (config.architecture, config.hidden_size, config.num_layers, config.num_heads, config.intermediate_size,
