@@ -64,6 +64,8 @@ class NSAConfig:
     learnable_fractal: bool = True
     learnable_spectral_fusion: bool = True
     pooling: str = "mean"
+    # the vocabulary the model reads (a Hub id or encoder name); save_pretrained also writes its files
+    tokenizer: str = "bert-base-uncased"
     sem_dims: list[int] = field(default_factory=lambda: [768, 512, 256])
     ent_dims: list[int] = field(default_factory=lambda: [384, 192, 96])
     use_anchor64: bool = True

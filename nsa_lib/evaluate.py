@@ -57,7 +57,6 @@ RETRIEVAL_KS = (1, 5, 10, 100)
 # encoders
 
 
-@torch.no_grad()
 def encode(model, tokenizer, sentences: Sequence[str], *, output: str = "embedding_semantic", dim: int | None = None,
            batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
     """L2-normalised embeddings (N, D) of `sentences` from an NSAModel's `output` (for the Matryoshka
@@ -67,38 +66,18 @@ def encode(model, tokenizer, sentences: Sequence[str], *, output: str = "embeddi
     return model_outputs(model, tokenizer, sentences, [key], batch_size=batch_size, max_length=max_length)[key]
 
 
-@torch.no_grad()
 def model_outputs(model, tokenizer, sentences: Sequence[str], keys: Sequence[str], *, batch_size: int = 64,
                   max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Several outputs of one pass over `sentences`, on the CPU in float32, in the sentences' order.
-
-    keys: 'embedding_semantic@512' (a Matryoshka output at a dim), 'embedding_semantic' (its largest dim),
-    'embedding_ranking', ... (L2-normalised), or 'anomaly_score' / 'spectral' / 'pooled' (as they are)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    max_length = max_length or model.config.max_length
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = [sentences[i] for i in order[start:start + batch_size]]
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-            for key in keys:
-                name, _, dim = key.partition("@")
-                value = out[name]
-                if isinstance(value, dict):
-                    value = value[int(dim) if dim else max(value)]
-                value = value.float()
-                if name not in ("anomaly_score", "spectral", "pooled"):
-                    value = F.normalize(value, dim=-1)
-                chunks[key].append(value.cpu())
-    finally:
-        model.train(was_training)
-    restore = torch.empty(len(order), dtype=torch.long)
-    restore[torch.tensor(order)] = torch.arange(len(order))
-    return {k: torch.cat(v)[restore] for k, v in chunks.items()}
+    """`NSAModel.outputs` with this tokenizer: 'embedding_semantic@512', 'embedding_ranking', ... are
+    L2-normalised, 'anomaly_score' and 'spectral' as the model gives them."""
+    vectors = [k for k in keys if k.partition("@")[0] not in ("anomaly_score", "spectral", "pooled")]
+    raw = [k for k in keys if k not in vectors]
+    result = {}
+    for wanted, normalize in ((vectors, True), (raw, False)):
+        if wanted:
+            result.update(model.outputs(sentences, wanted, batch_size=batch_size, max_length=max_length,
+                                        normalize=normalize, show_progress=False, tokenizer=tokenizer))
+    return result
 
 
 def embedding_keys(config) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -287,13 +287,110 @@ class NSAModel(nn.Module):
 
         return from_pretrained_encoder(cls, name_or_path, **config_overrides)
 
-    # persistence: config.json + model.safetensors
+    # encoding text
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
+    @property
+    def tokenizer(self):
+        """The tokenizer this model reads text with: the one saved with it, else the vocabulary its config
+        names (`config.tokenizer`: bert-base-uncased for the presets, the encoder of a warm start)."""
+        if getattr(self, "_tokenizer", None) is None:
+            folder = getattr(self, "_tokenizer_folder", None)
+            if folder is not None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            elif self.config.tokenizer == "bert-base-uncased":
+                from .data import load_tokenizer
+
+                self._tokenizer = load_tokenizer()
+            else:
+                from .warmstart import encoder_tokenizer
+
+                self._tokenizer = encoder_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    @torch.no_grad()
+    def outputs(self, texts: Sequence[str], keys: Sequence[str], *, batch_size: int = 64,
+                max_length: int | None = None, normalize: bool = True, show_progress: bool | None = None,
+                tokenizer=None) -> dict[str, torch.Tensor]:
+        """Several outputs of one pass over `texts`, float32 on the CPU, rows in the order of `texts`.
+
+        keys: 'embedding_semantic@512' (a Matryoshka output at one dim), 'embedding_semantic' (its largest
+        dim), 'embedding_ranking', 'pooled', 'spectral', 'anomaly_score', ... Texts run in batches of similar
+        length (less padding); `normalize` L2-normalises the vector outputs. The train/eval mode is restored
+        afterwards. A progress bar shows for more than 2,000 texts unless `show_progress` says otherwise.
+        `tokenizer` replaces the model's own for this call."""
+        texts = _checked_texts(texts)
+        tokenizer, device = tokenizer or self.tokenizer, next(self.parameters()).device
+        max_length = max_length or self.config.max_length
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        show = len(texts) > 2000 if show_progress is None else show_progress
+        was_training = self.training
+        self.eval()
+        try:
+            from tqdm.auto import tqdm
+
+            for start in tqdm(range(0, len(order), batch_size), desc="encoding", unit="batch", disable=not show):
+                enc = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt")
+                out = self(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+                for key in keys:
+                    name, _, dim = key.partition("@")
+                    if name not in out:
+                        raise KeyError(f"no output {name!r}; outputs: {sorted(k for k in out if k != 'last_hidden_state')}")
+                    value = out[name]
+                    if isinstance(value, dict):
+                        if dim and int(dim) not in value:
+                            raise KeyError(f"{name} has dims {sorted(value, reverse=True)}, not {dim}")
+                        value = value[int(dim) if dim else max(value)]
+                    value = value.float()
+                    if normalize and value.dim() == 2:
+                        value = F.normalize(value, dim=-1)
+                    chunks[key].append(value.cpu())
+        finally:
+            self.train(was_training)
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return {k: torch.cat(v)[restore] if v else torch.empty(0) for k, v in chunks.items()}
+
+    def encode(self, texts: str | Sequence[str], output: str = "embedding_semantic", dim: int | None = None, *,
+               batch_size: int = 64, normalize: bool = True, convert_to: str = "numpy",
+               show_progress: bool | None = None, max_length: int | None = None):
+        """Embeddings of `texts` from `output` (for the Matryoshka outputs `dim` picks the width; default the
+        largest), as a (N, D) numpy array (`convert_to="numpy"`) or CPU tensor ("torch"); one text gives (D,).
+
+        Example:
+            >>> model = NSAModel.from_pretrained("runs/run1/final")
+            >>> vectors = model.encode(["A man plays a guitar.", "Someone makes music."], dim=256)
+            >>> float(vectors[0] @ vectors[1])   # cosine: the vectors are L2-normalised
+        """
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        single = isinstance(texts, str)
+        key = output if dim is None else f"{output}@{dim}"
+        result = self.outputs([texts] if single else texts, [key], batch_size=batch_size, max_length=max_length,
+                              normalize=normalize, show_progress=show_progress)[key]
+        result = result[0] if single else result
+        return result.numpy() if convert_to == "numpy" else result
+
+    # persistence: config.json + model.safetensors (+ the tokenizer's files)
+
+    def save_pretrained(self, save_directory: str | Path, tokenizer=None) -> Path:
         """Write config.json and model.safetensors into `save_directory` (created if needed), atomically:
-        each file goes to a temporary name first, then is renamed."""
+        each file goes to a temporary name first, then is renamed. The tokenizer (`tokenizer`, else the one
+        set on or loaded by this model, if any) is saved next to them."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = tokenizer if tokenizer is not None else getattr(self, "_tokenizer", None)
+        if tokenizer is None and getattr(self, "_tokenizer_folder", None) is not None:
+            tokenizer = self.tokenizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
         tmp_weights, tmp_config = folder / "model.safetensors.tmp", folder / "config.json.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_weights),
                   metadata={"format": "pt", "library": "nsa_lib"})
@@ -305,9 +402,15 @@ class NSAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu",
                         **config_overrides: Any) -> "NSAModel":
-        """Load a folder written by `save_pretrained`; `config_overrides` change non-shape settings
-        (e.g. `dropout=0.0`, `gradient_checkpointing=True`). Returns the model in eval mode."""
-        folder = Path(directory)
+        """Load a folder written by `save_pretrained`, or a Hub repository of one (`user/name`, downloaded);
+        `config_overrides` change non-shape settings (e.g. `dropout=0.0`, `gradient_checkpointing=True`).
+        Returns the model in eval mode, its tokenizer the one saved with it."""
+        folder = Path(directory).expanduser()
+        if not folder.exists() and _looks_like_hub_id(str(directory)):
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(directory), allow_patterns=[
+                "config.json", "model.safetensors", "tokenizer*", "vocab.txt", "special_tokens_map.json"]))
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} has no {name}: not a folder written by NSAModel.save_pretrained")
@@ -315,7 +418,33 @@ class NSAModel(nn.Module):
         model = cls(config)
         state = _with_zero_st_bias(load_file(str(folder / "model.safetensors")), folder)
         load_state_dict_checked(model, state, source=str(folder))
+        if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
+            model._tokenizer_folder = folder  # loaded on first use
         return model.to(map_location).eval()
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'user/model' (one slash, no path syntax): a Hub repository id rather than a missing folder."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
+
+
+def _checked_texts(texts) -> list[str]:
+    """`texts` as a list of strings, or a TypeError naming the first item that is not one."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) and not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__} ({text!r:.40}), not a string")
+    return texts
+
+
+def encode(model: "NSAModel | str | Path", texts: str | Sequence[str], output: str = "embedding_semantic",
+           dim: int | None = None, **kwargs: Any):
+    """`NSAModel.encode` for a model, a saved folder or a Hub id (loaded each call: keep the model for many)."""
+    if not isinstance(model, NSAModel):
+        model = NSAModel.from_pretrained(model)
+    return model.encode(texts, output, dim, **kwargs)
 
 
 def _with_zero_st_bias(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:

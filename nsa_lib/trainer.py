@@ -327,7 +327,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
 
         def fill(folder: Path) -> None:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, tokenizer=self.tokenizer)  # a model folder reads text by itself
             for file, content in (extra or {}).items():
                 (folder / file).write_text(json.dumps(content))
 

@@ -136,7 +136,7 @@ def encoder_config(name_or_path: str | Path, **overrides: Any) -> NSAConfig:
     `max_steps=...`; shape settings would no longer match the weights)."""
     folder = encoder_folder(name_or_path)
     return config_for_encoder(json.loads((folder / "config.json").read_text()),
-                              **{"pooling": encoder_pooling(folder), **overrides})
+                              **{"pooling": encoder_pooling(folder), "tokenizer": str(name_or_path), **overrides})
 
 
 def encoder_key_map(num_layers: int) -> dict[str, str]:
@@ -177,6 +177,8 @@ def from_pretrained_encoder(model_class, name_or_path: str | Path, **overrides: 
             ours[name].copy_(state[theirs])
         _start_semantic_head_as_the_encoder(model)
         _start_spectral_path_at_zero(model)
+    if any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        model._tokenizer_folder = folder  # the model reads text with the encoder's own tokenizer
     logger.info("warm start from %s: %d encoder tensors copied", folder, len(mapping))
     return model
 
