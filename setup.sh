@@ -26,6 +26,6 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "setup: no chromium and no root apt-get; the browser test will be skipped"
     fi
 fi
-# the offline data packs (STS-B, SNLI), fetched once into $NSA_DATA_DIR (default ~/.cache/nsa_lib)
-.venv/bin/python -c "from nsa_lib.data import fetch_pack; [print('data:', fetch_pack(n) / n) for n in ('stsb', 'snli')]"
+# the offline data packs (STS-B, SNLI, WordNet glosses), fetched once into $NSA_DATA_DIR (default ~/.cache/nsa_lib)
+.venv/bin/python -c "from nsa_lib.data import fetch_pack; [print('data:', fetch_pack(n) / n) for n in ('stsb', 'snli', 'wordnet')]"
 .venv/bin/python -c "import nsa_lib, torch; print(f'nsa_lib {nsa_lib.__version__} ready (torch {torch.__version__})')"
