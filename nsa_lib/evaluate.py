@@ -70,14 +70,10 @@ def model_outputs(model, tokenizer, sentences: Sequence[str], keys: Sequence[str
                   max_length: int | None = None) -> dict[str, torch.Tensor]:
     """`NSAModel.outputs` with this tokenizer: 'embedding_semantic@512', 'embedding_ranking', ... are
     L2-normalised, 'anomaly_score' and 'spectral' as the model gives them."""
-    vectors = [k for k in keys if k.partition("@")[0] not in ("anomaly_score", "spectral", "pooled")]
-    raw = [k for k in keys if k not in vectors]
-    result = {}
-    for wanted, normalize in ((vectors, True), (raw, False)):
-        if wanted:
-            result.update(model.outputs(sentences, wanted, batch_size=batch_size, max_length=max_length,
-                                        normalize=normalize, show_progress=False, tokenizer=tokenizer))
-    return result
+    raw = model.outputs(sentences, keys, batch_size=batch_size, max_length=max_length, normalize=False,
+                        show_progress=False, tokenizer=tokenizer)  # one pass for every key
+    return {k: v if k.partition("@")[0] in ("anomaly_score", "spectral", "pooled") else F.normalize(v, dim=-1)
+            for k, v in raw.items()}
 
 
 def embedding_keys(config) -> list[str]:
@@ -477,6 +473,8 @@ def evaluate(subject: Subject, tasks: str | Sequence[str] | None = None, *, limi
     names = parse_tasks(tasks)
     for name in tqdm(names, desc=f"evaluating {subject.name}", disable=not show_progress):
         if name in NEEDS_OUTPUTS and subject.outputs is None:
+            if not skip_unavailable:
+                raise ValueError(f"{subject.name} has no {'anomaly score' if name == 'anomaly' else name + ' output'}")
             logger.info("%s: task %s skipped (the model has no such output)", subject.name, name)
             continue
         try:

@@ -1,15 +1,22 @@
-"""Data sources on the real offline packs (STS-B, SNLI, the bert-base-uncased vocabulary), local triplet
-files and their errors, the train/val split and length-grouped batches."""
+"""Data sources on the real offline packs (STS-B, SNLI, WordNet glosses, the bert-base-uncased
+vocabulary), the packs' pins (PyPI and Debian archives, read without unpacking), local triplet files and
+their errors, the train/val split and length-grouped batches."""
+import hashlib
 import io
 import json
+import re
+import shutil
 import socket
+import subprocess
+import tarfile
 import zipfile
 
 import pytest
 
 from nsa_lib import data
-from nsa_lib.data import (DataFileError, DataSourceError, Triplet, TripletBatches, TokenizedTriplets, load_snli_triplets,
-                          load_stsb, load_tokenizer, load_triplets, read_triplet_file, split_train_val)
+from nsa_lib.data import (DataFileError, DataSourceError, Triplet, TripletBatches, TokenizedTriplets, load_snli_pairs,
+                          load_snli_triplets, load_stsb, load_tokenizer, load_triplets, load_wordnet_glosses,
+                          read_triplet_file, split_train_val)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +172,177 @@ def test_unreachable_index_or_missing_file_is_a_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="unknown offline pack"):
         data.fetch_pack("nope", tmp_path)
+
+
+# the WordNet pack: a Debian package, read as an ar archive
+
+
+def test_wordnet_glosses_are_the_definitions_of_every_synset():
+    glosses = load_wordnet_glosses()
+    assert len(glosses) == 117_659  # WordNet 3.0: 82,115 noun, 13,767 verb, 18,156 adjective, 3,621 adverb synsets
+    assert glosses[0] == "that which is perceived or known or inferred to have its own distinct existence " \
+                         "(living or nonliving)"  # entity, the first noun synset
+    assert not [g for g in glosses if "| " in g or re.match(r"\d{8} ", g)]  # no synset line left in
+    assert not [g for g in glosses if '; "' in g]  # the quoted examples are cut off
+    assert all(g and g == g.strip() and not g.endswith(";") for g in glosses)
+
+
+def test_snli_test_pairs_are_the_rows_with_a_gold_label():
+    pairs = load_snli_pairs("test")
+    assert len(pairs) == 9_824  # 10,000 rows less 176 without annotator agreement (gold label '-')
+    assert {label for _, _, label in pairs} == {"entailment", "neutral", "contradiction"}
+    assert all(p and h and p == p.strip() and h == h.strip() for p, h, _ in pairs)
+    raw = [json.loads(line) for line in (data.fetch_pack("snli") / "snli" / "test.jsonl").read_text().splitlines()]
+    assert len(raw) == 10_000 and sum(r["gold_label"] == "-" for r in raw) == 176
+    assert pairs[0] == (raw[0]["sentence1"].strip(), raw[0]["sentence2"].strip(), raw[0]["gold_label"])
+    with pytest.raises(ValueError, match="train or test"):
+        load_snli_pairs("dev")
+
+
+WORDNET_FILES = {member: f"{n:08d} 03 n 01 {member.rsplit('.', 1)[1]} 0 000 | a gloss of {member}; \"an example\"\n"
+                 .encode() for n, member in enumerate(data.PACKS["wordnet"].members)}
+
+
+def build_deb(folder, files: dict[str, bytes], compression: str = "xz") -> bytes:
+    """A real Debian package, built by dpkg-deb, installing `files` ('./usr/...' -> content)."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed")
+    root = folder / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text("Package: nsa-test\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: nsa_lib tests <tests@example.org>\nDescription: test\n")
+    for member, content in files.items():
+        path = root / member
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    out = folder / "test.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build", str(root), str(out)],
+                   check=True, capture_output=True)
+    return out.read_bytes()
+
+
+def ar_archive(members: list[tuple[str, bytes]]) -> bytes:
+    """An ar archive written by hand (GNU names, 'name/'): 60-byte headers, members padded to even offsets."""
+    out = b"!<arch>\n"
+    for name, content in members:
+        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(content):<10}`\n".encode()
+        assert len(header) == 60
+        out += header + content + (b"\n" if len(content) % 2 else b"")
+    return out
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+        for member, content in files.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(content)
+            t.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip", "none"])
+def test_read_deb_member_reads_a_package_built_by_dpkg_deb(tmp_path, compression):
+    archive = tmp_path / "wordnet-base_test_all.deb"
+    archive.write_bytes(build_deb(tmp_path, WORDNET_FILES, compression))
+    for member, content in WORDNET_FILES.items():
+        assert data._read_deb_member(archive, member) == content
+        assert data._read_member(archive, member) == content  # chosen by the .deb suffix
+    with pytest.raises(DataSourceError,
+                       match=r"wordnet-base_test_all\.deb has no file \./usr/share/wordnet/index\.noun"):
+        data._read_member(archive, "./usr/share/wordnet/index.noun")
+
+
+def test_read_deb_member_steps_over_odd_sized_members(tmp_path):
+    """ar pads a member of odd size with one byte: the reader must skip it to find the next header."""
+    content = b"09876543 | the text of an odd-sized archive\n"
+    archive = tmp_path / "odd.deb"
+    data_tar = tar_gz({"./usr/share/wordnet/data.adv": content})
+    archive.write_bytes(ar_archive([("debian-binary", b"2.0\n"), ("control.tar.gz", b"x" * 333), ("extra", b"y"),
+                                    ("data.tar.gz", data_tar)]))
+    if shutil.which("ar"):  # binutils agrees that this is an ar archive with these members
+        listed = subprocess.run(["ar", "t", str(archive)], capture_output=True, text=True, check=True).stdout
+        assert listed.split() == ["debian-binary", "control.tar.gz", "extra", "data.tar.gz"]
+    assert data._read_deb_member(archive, "./usr/share/wordnet/data.adv") == content
+
+
+def test_read_deb_member_refuses_what_is_not_a_package(tmp_path):
+    not_ar = tmp_path / "zip.deb"
+    not_ar.write_bytes(b"PK\x03\x04 not an ar archive")
+    with pytest.raises(DataSourceError, match=r"zip\.deb is not a Debian package \(no ar header\)"):
+        data._read_deb_member(not_ar, "./usr/share/wordnet/data.noun")
+    no_data = tmp_path / "nodata.deb"
+    no_data.write_bytes(ar_archive([("debian-binary", b"2.0\n"), ("control.tar.gz", b"z" * 11)]))
+    with pytest.raises(DataSourceError, match=r"nodata\.deb has no data\.tar member"):
+        data._read_deb_member(no_data, "./usr/share/wordnet/data.noun")
+
+
+def test_debian_url_follows_the_mirror(monkeypatch):
+    url = data.PACKS["wordnet"].url
+    monkeypatch.delenv("NSA_DEBIAN_MIRROR", raising=False)
+    assert data._debian_url(url) == url
+    monkeypatch.setenv("NSA_DEBIAN_MIRROR", "http://apt-cache.local:3142/debian/")
+    assert data._debian_url(url) == "http://apt-cache.local:3142/debian/pool/main/w/wordnet/wordnet-base_3.0-37_all.deb"
+
+
+def debian_mirror_stand_in(fake: bytes):
+    """IndexStandIn serves `/files/<key>`: a mirror at `/files/debian` serves `fake` as the pack's archive."""
+    pack = data.PACKS["wordnet"]
+    path = "debian/" + pack.url.split("/debian/", 1)[1]  # debian/pool/main/w/wordnet/wordnet-base_3.0-37_all.deb
+    stand_in = IndexStandIn({path: fake})
+    return stand_in, stand_in.url.replace("/simple", "/files/debian")
+
+
+def test_wordnet_archive_with_another_hash_is_refused_and_nothing_is_unpacked(tmp_path, monkeypatch):
+    """A well-formed package with the pack's member paths, holding other text: refused before it is read."""
+    pack = data.PACKS["wordnet"]
+    fake = build_deb(tmp_path, WORDNET_FILES)
+    root = tmp_path / "cache"
+    stand_in, mirror = debian_mirror_stand_in(fake)
+    with stand_in:
+        monkeypatch.setenv("NSA_DEBIAN_MIRROR", mirror)
+        with pytest.raises(DataSourceError, match=f"has sha256 {hashlib.sha256(fake).hexdigest()}, "
+                                                  f"but {pack.sha256} is pinned; it was not unpacked"):
+            data.fetch_pack("wordnet", root)
+    assert list(root.iterdir()) == []  # no pack, no partial pack, no temporary folder
+
+
+def test_wordnet_hash_refusal_names_where_the_archive_came_from(tmp_path, monkeypatch):
+    """The WordNet archive comes from a Debian mirror, not from the Python package index: the refusal must
+    say which server sent the wrong file."""
+    stand_in, mirror = debian_mirror_stand_in(build_deb(tmp_path, WORDNET_FILES))
+    with stand_in:
+        monkeypatch.setenv("NSA_DEBIAN_MIRROR", mirror)
+        with pytest.raises(DataSourceError) as refused:
+            data.fetch_pack("wordnet", tmp_path / "cache")
+    assert mirror in str(refused.value)
+    assert "pypi.org" not in str(refused.value)
+
+
+def test_unreachable_debian_mirror_is_a_clear_error_naming_it(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/debian"
+    monkeypatch.setenv("NSA_DEBIAN_MIRROR", closed)
+    with pytest.raises(DataSourceError, match="could not fetch the offline pack 'wordnet'.*NSA_DATA_DIR") as failed:
+        data.fetch_pack("wordnet", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert closed in str(failed.value)
+    assert "pypi.org" not in str(failed.value)
+
+
+def test_pinned_wordnet_package_from_debian_unpacks_the_four_data_files(tmp_path, monkeypatch):
+    """The real package from deb.debian.org matches its pin, and the files read out of it are the ones
+    the shared cache holds."""
+    monkeypatch.delenv("NSA_DEBIAN_MIRROR", raising=False)
+    root = data.fetch_pack("wordnet", tmp_path)
+    assert root == tmp_path and [p.name for p in tmp_path.iterdir()] == ["wordnet"]
+    names = ["data.adj", "data.adv", "data.noun", "data.verb"]
+    assert sorted(p.name for p in (tmp_path / "wordnet").iterdir()) == names
+    cached = data.fetch_pack("wordnet") / "wordnet"
+    for name in names:
+        assert (tmp_path / "wordnet" / name).read_bytes() == (cached / name).read_bytes(), name
+    assert (tmp_path / "wordnet" / "data.noun").read_text(encoding="utf-8").count("\n") == 82_144  # 29 licence lines
 
 
 # local files
