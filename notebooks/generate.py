@@ -325,7 +325,7 @@ if RUN_ABLATION or env.smoke:
                                   "eval_every": max(1, steps // 2), "backup_every": 0})
     ablation = run_ablation(config, run.folder / "ablation", data=settings.get("data", "snli"), init_from=base,
                             variants=variants, tasks="stsb,retrieval,clustering" if not env.smoke else "stsb",
-                            limit=limit)
+                            limit=limit, overwrite=env.smoke)  # CI: a fresh ablation every run
     display(Markdown(ablation_table(ablation)))
     display(Image(filename=str(run.folder / "ablation" / "report" / "tasks.png")))'''),
 ]
