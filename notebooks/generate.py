@@ -259,13 +259,13 @@ ABLATION_STEPS = 300  #@param {type:"integer"}'''),
 does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""),
     code('''from pathlib import Path
 from nsa_lib.environment import detect_environment
-from nsa_lib.evaluate import load_for_eval, model_tokenizer
+from nsa_lib.evaluate import load_for_eval
 
 import torch
 
 env = detect_environment()
 model, where = load_for_eval(Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder, prefer=MODEL)
-tokenizer = model_tokenizer(where)
+tokenizer = model.tokenizer  # the one saved with the model
 if torch.cuda.is_available():
     model = model.cuda()
 print(f"{where}: {model.num_parameters() / 1e6:.1f}M parameters, hidden {model.config.hidden_size}, "

@@ -36,13 +36,9 @@ DEFAULT_TASKS = ("stsb", "retrieval", "clustering", "matryoshka", "anomaly", "sp
 
 def parse_variants(spec: str | Sequence[str] | None) -> list[str]:
     """'full,no-spectral' or a list -> variant names, checked; None or 'all' -> every variant."""
-    if spec is None or spec == "all":
-        return list(VARIANTS)
-    names = [v.strip() for v in (spec.split(",") if isinstance(spec, str) else spec) if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise ValueError(f"unknown ablation variant(s) {unknown or spec!r}; choose from {', '.join(VARIANTS)}")
-    return names
+    from .evaluate import parse_names
+
+    return parse_names(spec, list(VARIANTS), "ablation variant")
 
 
 def run_ablation(config: NSAConfig, output_dir: str | Path, *, data: str = "snli", init_from: str | None = None,

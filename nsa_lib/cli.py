@@ -160,7 +160,7 @@ BASELINES = {"minilm": "all-MiniLM-L6-v2"}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import baseline_encoder, encoder_subject, evaluate, load_for_eval, model_subject, model_tokenizer, parse_tasks
+    from .evaluate import baseline_encoder, encoder_subject, evaluate, load_for_eval, model_subject, parse_tasks
     from .report import markdown_table, write_report
 
     if not args.checkpoint and not args.baseline:
@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     subjects = []
     if args.checkpoint:
         model, where = load_for_eval(Path(args.checkpoint))
-        subjects.append(model_subject(model, model_tokenizer(where), name=args.name or "Spectra-NSA"))
+        subjects.append(model_subject(model, model.tokenizer, name=args.name or "Spectra-NSA"))
         log = f"{where} ({model.config.size}, {model.num_parameters() / 1e6:.1f}M parameters)"
     if args.baseline:
         subjects.append(encoder_subject(baseline_encoder(), BASELINES[args.baseline]))

@@ -120,20 +120,6 @@ def load_for_eval(path: str | Path, prefer: str = "final"):
                             f"or in a checkpoint")
 
 
-def model_tokenizer(folder: str | Path):
-    """The tokenizer saved with a model (in its folder or the run folder above), else bert-base-uncased's
-    (the vocabulary of the presets and of the BERT-family encoders a warm start takes)."""
-    from .data import load_tokenizer
-
-    folder = Path(folder)
-    for candidate in (folder, folder.parent):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(candidate))
-    return load_tokenizer()
-
-
 @dataclass
 class Subject:
     """What is evaluated: a name, its embedding outputs (key -> Encoder), which key STS and retrieval report
@@ -447,15 +433,21 @@ TASK_FUNCTIONS = {"stsb": task_stsb, "sts": task_sts, "retrieval": task_retrieva
 NEEDS_OUTPUTS = {"matryoshka", "anomaly", "spectral"}
 
 
+def parse_names(spec: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    """'a,b' or a list -> names, each checked against `known`; None or 'all' -> all of `known`. An unknown
+    or empty choice raises a ValueError naming it ("unknown <what>(s) ...") and the choices."""
+    if spec is None or spec == "all":
+        return list(known)
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {unknown or spec!r}; choose from {', '.join(known)}")
+    return names
+
+
 def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
     """'stsb,retrieval' or a list -> task names, checked; None or 'all' -> every task."""
-    if spec is None or spec == "all":
-        return list(TASKS)
-    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise ValueError(f"unknown evaluation task(s) {unknown or spec!r}; choose from {', '.join(TASKS)}")
-    return names
+    return parse_names(spec, TASKS, "evaluation task")
 
 
 def evaluate(subject: Subject, tasks: str | Sequence[str] | None = None, *, limit: int | None = None,
