@@ -216,10 +216,11 @@ def test_cli_train_then_eval(tmp_path):
     assert "STS-B dev Spearman before training" in train.stdout and "after training" in train.stdout
     assert json.loads((run / "config.json").read_text())["use_angular"] is False
     assert "loss_angular" not in metrics(run)[0]
-    ev = subprocess.run([sys.executable, "-m", "nsa_lib", "eval", "--checkpoint", str(run), "--split", "dev",
-                         "--recall-triplets", "200"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ev = subprocess.run([sys.executable, "-m", "nsa_lib", "eval", "--checkpoint", str(run), "--tasks", "stsb,retrieval",
+                         "--limit", "200", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert "STS-B Spearman" in ev.stdout and "Recall@10" in ev.stdout
+    assert "| stsb-dev | spearman |" in ev.stdout and "| retrieval-triplets | recall@10 |" in ev.stdout
     bad = subprocess.run([sys.executable, "-m", "nsa_lib", "train", "--data", str(tmp_path / "missing.jsonl"),
                           "--size", "tiny", "--output-dir", str(tmp_path / "x")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
