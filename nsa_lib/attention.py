@@ -274,6 +274,8 @@ class SpectralEntropyAttention(nn.Module):
     def _cpu_kernel_applies(self, x: torch.Tensor, B: int, S: int) -> bool:
         """The hand-fused kernel runs depth 1, on a CPU, in fp32/fp64 without autocast, while B·h·S² stays
         under CPU_FUSED_MAX_SCORES (it keeps 2·B·h·S² floats for its backward pass)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # an ONNX export records the plain ops
+            return False
         return (self.use_spectral and self.fractal_weights.shape[0] == 1 and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
                 and B * self.num_heads * S * S <= CPU_FUSED_MAX_SCORES)

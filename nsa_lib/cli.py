@@ -10,6 +10,9 @@
     python -m nsa_lib eval --baseline minilm --tasks stsb --json      one JSON object: task -> metrics
     python -m nsa_lib ablate --init-from all-MiniLM-L6-v2 --max-steps 300 --output-dir runs/ablate
                                                      the same budget with each component off, evaluated
+    python -m nsa_lib export --checkpoint runs/tiny --format onnx --output exports/onnx
+                                                     ONNX with pooling and heads inside, checked against
+                                                     PyTorch (formats: hf, sentence-transformers, onnx, int8)
 """
 from __future__ import annotations
 
@@ -201,6 +204,25 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import FORMATS, export, push_to_hub
+
+    formats = FORMATS if args.format == "all" else (args.format,)
+    output = Path(args.output)
+    reports = []
+    for fmt in formats:
+        target = output / fmt if len(formats) > 1 else output
+        report = export(args.checkpoint, fmt, target, output_key=args.output_key, dim=args.dim, prefer=args.prefer,
+                        overwrite=args.overwrite, verify=not args.no_verify, stsb=True if args.stsb else None)
+        print(report.summary(), flush=True)
+        reports.append(report)
+    if args.push_to_hub:
+        pushable = [r for r in reports if r.format in ("sentence-transformers", "hf")] or reports
+        url = push_to_hub(pushable[0].path, args.push_to_hub, token=args.token, private=args.private)
+        print(f"pushed {pushable[0].path} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nsa_lib", description="Spectra-NSA command line.")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -284,6 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"as train's --{flag.replace('_', '-')}")
     a.set_defaults(func=cmd_ablate, gradient_checkpointing=False, mini_batch_size=None, backup_every=None,
                    freeze_backbone_steps=None)
+
+    x = sub.add_parser("export", help="export a model for transformers, sentence-transformers, ONNX or INT8 ONNX "
+                                      "(checked after writing), optionally pushed to the Hub")
+    x.add_argument("--checkpoint", required=True, help="a model folder, a checkpoint, or a run folder")
+    x.add_argument("--format", required=True, choices=["hf", "sentence-transformers", "onnx", "int8", "all"],
+                   help="'all': every format, each in its own subfolder of --output")
+    x.add_argument("--output", required=True, help="the export folder (created; refused if not empty)")
+    x.add_argument("--prefer", choices=["best", "final"], default="best",
+                   help="which model of a run folder (default best: the best quick STS)")
+    x.add_argument("--output-key", default="embedding_semantic",
+                   help="the embedding the hf / sentence-transformers folders return (default embedding_semantic)")
+    x.add_argument("--dim", type=int, help="its Matryoshka width (default the largest)")
+    x.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    x.add_argument("--no-verify", action="store_true", help="skip the parity check after writing")
+    x.add_argument("--stsb", action="store_true", help="also score STS-B test (always done for int8)")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the export to this Hub repository")
+    x.add_argument("--private", action="store_true", help="create the Hub repository private")
+    x.add_argument("--token", help="Hub token (default: the one `huggingface-cli login` stored)")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
@@ -291,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

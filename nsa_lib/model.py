@@ -260,7 +260,12 @@ class NSAModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
         has_padding = self._check_inputs(input_ids, attention_mask)
-        mask = attention_mask.ne(0) if (attention_mask is not None and has_padding) else None
+        return self.forward_checked(input_ids, attention_mask.ne(0) if has_padding else None)
+
+    def forward_checked(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """`forward` without the input checks (which read values back from the device): `mask` a bool
+        (B, S) tensor, True = real token, or None for no padding. An all-True mask gives what None gives.
+        For callers that have validated their inputs, and for graph export (no data-dependent Python)."""
         hidden = self.backbone(input_ids, mask)  # (B, S, H)
         token_mean = masked_mean(hidden, mask)  # (B, H)
         pooled = first_real_token(hidden, mask) if self.config.pooling == "cls" else token_mean
@@ -283,9 +288,7 @@ class NSAModel(nn.Module):
         folder): its block reproduced exactly, its weights copied, the spectral path and fractal term at
         zero, the semantic head starting as the encoder's mean-pooled embedding (see nsa_lib.warmstart).
         Returns the model in train mode."""
-        from .warmstart import from_pretrained_encoder
-
-        return from_pretrained_encoder(cls, name_or_path, **config_overrides)
+        return _sibling("warmstart").from_pretrained_encoder(cls, name_or_path, **config_overrides)
 
     # encoding text
 
@@ -300,13 +303,9 @@ class NSAModel(nn.Module):
 
                 self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
             elif self.config.tokenizer == "bert-base-uncased":
-                from .data import load_tokenizer
-
-                self._tokenizer = load_tokenizer()
+                self._tokenizer = _sibling("data").load_tokenizer()
             else:
-                from .warmstart import encoder_tokenizer
-
-                self._tokenizer = encoder_tokenizer(self.config.tokenizer)
+                self._tokenizer = _sibling("warmstart").encoder_tokenizer(self.config.tokenizer)
         return self._tokenizer
 
     @tokenizer.setter
@@ -421,6 +420,15 @@ class NSAModel(nn.Module):
         if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
             model._tokenizer_folder = folder  # loaded on first use
         return model.to(map_location).eval()
+
+
+def _sibling(name: str):
+    """The nsa_lib module `name`, imported on first use. Not a `from .name import` statement: an exported
+    model (nsa_lib.export, format 'hf') ships this file with only the modules it imports at the top, and
+    transformers copies every module such a statement names, wherever it stands."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def _looks_like_hub_id(name: str) -> bool:

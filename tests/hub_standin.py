@@ -4,12 +4,19 @@
         os.environ["HF_ENDPOINT"] = hub.endpoint                   # huggingface_hub downloads from it
 
 It answers what `huggingface_hub.snapshot_download` asks of a public model repo: the repo's info
-(`/api/models/<repo>/revision/<rev>`), its file tree (`/api/models/<repo>/tree/<rev>`), and each file
-(`HEAD`/`GET /<repo>/resolve/<rev>/<path>`, with the commit and ETag headers the client reads). Every
-request is recorded in `requests`. Anything else gets 404.
+(`/api/models/<repo>[/revision/<rev>]`), its file tree (`/api/models/<repo>/tree/<rev>`), and each file
+(`HEAD`/`GET /<repo>/resolve/<rev>/<path>`, with the commit and ETag headers the client reads).
+
+With `uploads=<folder>` it also takes what `HfApi.create_repo` and `HfApi.upload_folder` send: repository
+creation (`POST /api/repos/create`), the pre-upload question (`POST /api/models/<repo>/preupload/<rev>`,
+answered "regular" for every file, so that contents travel in the commit itself) and the commit
+(`POST /api/models/<repo>/commit/<rev>`, NDJSON: a header line, then one base64 file per line), whose
+files land in `<uploads>/<repo>` and are served back like the others. Every request is recorded in
+`requests` (with its Authorization header in `auth`). Anything else gets 404.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -21,9 +28,12 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class HubStandin:
-    def __init__(self, repos: dict[str, Path]):
-        self.repos = {name: Path(folder) for name, folder in repos.items()}
+    def __init__(self, repos: dict[str, Path] | None = None, *, uploads: Path | None = None):
+        self.repos = {name: Path(folder) for name, folder in (repos or {}).items()}
+        self.uploads = None if uploads is None else Path(uploads)
         self.requests: list[tuple[str, str]] = []
+        self.auth: list[str | None] = []
+        self.created: list[dict] = []
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +45,19 @@ class HubStandin:
 
             def do_GET(self):
                 self._answer(body=True)
+
+            def do_POST(self):
+                path = unquote(urlparse(self.path).path)
+                standin.requests.append(("POST", path))
+                standin.auth.append(self.headers.get("Authorization"))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, answer = standin._post(path, body)
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             def _answer(self, body: bool):
                 path = unquote(urlparse(self.path).path)
@@ -70,7 +93,7 @@ class HubStandin:
     def _route(self, path: str):
         for repo in self.repos:
             api = f"/api/models/{repo}/"
-            if path.startswith(api + "revision/"):
+            if path.startswith(api + "revision/") or path == api.rstrip("/"):
                 siblings = [{"rfilename": name} for name in self._files(repo)]
                 return self._json({"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
                                    "siblings": siblings}), {}
@@ -90,6 +113,47 @@ class HubStandin:
                 data = file.read_bytes()
                 return data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                               "Content-Type": "application/octet-stream"}
+        return None
+
+    def _post(self, path: str, body: bytes) -> tuple[int, dict]:
+        answer = self._post_answer(path, body)
+        return (404, {"error": "not found"}) if answer is None else answer if isinstance(answer, tuple) else (200, answer)
+
+    def _post_answer(self, path: str, body: bytes):
+        if self.uploads is None:
+            return None
+        if path == "/api/validate-yaml":  # the model card's metadata: the Hub refuses YAML it cannot read
+            import yaml
+
+            content = json.loads(body)["content"]
+            try:
+                if content.startswith("---"):
+                    yaml.safe_load(content.split("---")[1])
+            except yaml.YAMLError as e:
+                return 400, {"errors": [{"message": str(e)}]}
+            return {"errors": [], "warnings": []}
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            self.created.append(request)
+            self.repos.setdefault(repo, self.uploads / repo).mkdir(parents=True, exist_ok=True)
+            return {"url": f"{self.endpoint}/{repo}", "name": repo, "id": repo}
+        for repo in self.repos:
+            api = f"/api/models/{repo}/"
+            if path.startswith(api + "preupload/"):
+                files = json.loads(body)["files"]
+                return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                  for f in files]}
+            if path.startswith(api + "commit/"):
+                root = self.repos[repo]
+                for line in body.splitlines():
+                    entry = json.loads(line)
+                    if entry["key"] == "file":
+                        target = root / entry["value"]["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(base64.b64decode(entry["value"]["content"]))
+                return {"commitUrl": f"{self.endpoint}/{repo}/commit/{COMMIT}", "commitOid": COMMIT,
+                        "success": True}
         return None
 
     @staticmethod
