@@ -255,9 +255,8 @@ def _run_folder(source: Path | None) -> Path | None:
 
 def _training_facts(run: Path | None, source: Path | None) -> dict[str, Any]:
     facts: dict[str, Any] = {}
-    if run is not None and (run / "run_settings.json").is_file():
-        settings = json.loads((run / "run_settings.json").read_text())
-        facts["data"] = settings.get("data")
+    if run is not None and (run / "run_config.json").is_file():  # the notebooks' run settings
+        facts["data"] = json.loads((run / "run_config.json").read_text()).get("data")
     if source is not None:
         for marker in ("final.json", "best.json"):
             if (source / marker).is_file():
@@ -268,7 +267,13 @@ def _training_facts(run: Path | None, source: Path | None) -> dict[str, Any]:
     if run is not None and (run / "config.json").is_file():
         cfg = json.loads((run / "config.json").read_text())
         facts["triplets per step"] = cfg.get("batch_train", 0) * cfg.get("grad_accum", 1)
-        facts["learning rate (new parts / pretrained)"] = f"{cfg.get('lr')} / {cfg.get('backbone_lr')}"
+        facts["learning rate"] = (f"{cfg.get('lr')} (new parts), {cfg.get('backbone_lr')} (pretrained weights)"
+                                  if cfg.get("backbone_lr") else cfg.get("lr"))
+    if run is not None and (run / "metrics.jsonl").is_file():
+        times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if line.strip() and '"loss"' in line]
+        if len(times) > 1:
+            facts["training time"] = f"{(times[-1] - times[0]) / 60:.1f} min over the whole run"
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -367,8 +372,9 @@ def _write(model: NSAModel, source: Path | None, fmt: str, folder: Path, *, outp
     if fmt in ("hf", "sentence-transformers"):
         write_folder(model, model.tokenizer, folder, output=output_key, dim=dim,
                      sentence_transformers=fmt == "sentence-transformers")
-        if verify and fmt == "sentence-transformers":
-            report.parity = sentence_transformers_parity(model, folder, output_key, dim)
+        if verify:
+            report.parity = (sentence_transformers_parity if fmt == "sentence-transformers" else hf_parity)(
+                model, folder, output_key, dim)
         return report
     model.tokenizer.save_pretrained(str(folder))
     if fmt == "onnx":
@@ -401,6 +407,20 @@ def _stsb_test(encoder) -> float:
     if isinstance(encoder, NSAModel):
         encoder = nsa_encoder(encoder, encoder.tokenizer)
     return round(sts_spearman(encoder, load_stsb("test")), 5)
+
+
+def hf_parity(model: NSAModel, folder: str | Path, output_key: str = "embedding_semantic", dim: int | None = None,
+              texts: Sequence[str] = PARITY_SENTENCES) -> float:
+    """Largest absolute difference between `AutoModel.from_pretrained(folder, trust_remote_code=True)`'s
+    `pooler_output` and `model.encode` on `texts`, loaded in this process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    loaded = AutoModel.from_pretrained(str(folder), trust_remote_code=True).eval()
+    batch = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)(
+        list(texts), padding=True, truncation=True, max_length=model.config.max_length, return_tensors="pt")
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(loaded(**batch).pooler_output.float(), dim=-1).numpy()
+    return float(np.abs(theirs - model.encode(list(texts), output_key, dim)).max())
 
 
 def sentence_transformers_parity(model: NSAModel, folder: str | Path, output_key: str = "embedding_semantic",
