@@ -330,7 +330,127 @@ if RUN_ABLATION or env.smoke:
     display(Image(filename=str(run.folder / "ablation" / "report" / "tasks.png")))'''),
 ]
 
+export = [
+    md(f"""# Spectra-NSA · 05 · Export
+{BADGE.format(name='05_export')}
+
+Exports a run's model (found on Drive by `RUN_NAME`, or any local folder) where people already use
+sentence encoders: a transformers folder (`hf`), a sentence-transformers folder, ONNX, and ONNX with int8
+weights, each with its tokenizer and a model card. Every export is checked here against the PyTorch model
+it came from, and the int8 model is scored on STS-B test next to the float one. The exports go to the run
+folder's `export/` on Drive; an optional last step uploads the sentence-transformers folder to the
+Hugging Face Hub.
+
+Takes 1-2 minutes on a CPU runtime for a MiniLM-sized model (most of it the int8 STS-B scores). In CI
+(smoke mode) the same exports without the STS-B scores."""),
+    md(COMMON_INTRO),
+    code(PARAMS + '''
+MODEL = "best"  #@param ["best", "final"]
+MODEL_FOLDER = ""  #@param {type:"string"}
+FORMATS = "hf,sentence-transformers,onnx,int8"  #@param {type:"string"}
+OUTPUT_KEY = "embedding_semantic"  #@param {type:"string"}
+PUSH_TO_HUB = False  #@param {type:"boolean"}
+HUB_REPO_ID = ""  #@param {type:"string"}
+HUB_PRIVATE = True  #@param {type:"boolean"}'''),
+    code(INSTALL),
+    code(DRIVE),
+    md("""**The model**: the run's `best/` (highest quick STS) or `final/` model from Drive, the other if that one
+does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""),
+    code('''from pathlib import Path
+from nsa_lib.environment import detect_environment
+from nsa_lib.evaluate import load_for_eval
+
+env = detect_environment()
+source = Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder
+model, where = load_for_eval(source, prefer=MODEL)
+print(f"{where}: {model.num_parameters() / 1e6:.1f}M parameters, hidden {model.config.hidden_size}, "
+      f"{model.config.num_layers} layers ({'BERT block' if model.config.architecture == 'bert' else 'preset ' + model.config.size}), "
+      f"Matryoshka widths {model.config.sem_dims}")'''),
+    md("""**Export**, one folder per format in `FORMATS`, into the run folder's `export/` (an earlier export of
+the same format is replaced). `OUTPUT_KEY` is what the `hf` and sentence-transformers folders return by
+default (`embedding_semantic` at its largest width); the ONNX graphs hold every output. Each export is
+checked in this process: ONNX against PyTorch on a padded batch, the sentence-transformers folder against
+`model.encode`; the int8 one is scored on STS-B test, float and int8 ONNX side by side. The same from a
+terminal, one format at a time:
+
+    python -m nsa_lib export --checkpoint DIR --format onnx --output OUT"""),
+    code('''from nsa_lib.export import export
+
+out = source / "export"
+reports = {}
+for fmt in [f.strip() for f in FORMATS.split(",") if f.strip()]:
+    # CI: no STS-B scores (1,379 pairs per model), the same exports and checks
+    reports[fmt] = export(where, fmt, out / fmt, output_key=OUTPUT_KEY, prefer=MODEL, overwrite=True,
+                          stsb=False if env.smoke else None)
+    print(reports[fmt].summary())'''),
+    md("""**What was written**: each folder's size, its largest difference to PyTorch (over every output for ONNX,
+on the embedding for the others; for int8, where every activation moves a little by design, the smallest
+cosine between its embedding and PyTorch's instead), and the STS-B test scores where measured (Spearman).
+Each folder's `export.json` holds the same."""),
+    code('''from IPython.display import Markdown, display
+
+rows = ["| format | folder | size (MiB) | agreement with PyTorch | STS-B test (Spearman) |", "|---|---|---:|---:|---|"]
+for fmt, report in reports.items():
+    parity = ("-" if report.parity is None else f"max abs. difference {report.parity:.1e}") if report.min_cosine is None \
+        else f"cosine ≥ {report.min_cosine:.4f}"
+    stsb = ", ".join(f"{name} {score:.4f}" for name, score in report.stsb_test.items()) or "-"
+    rows.append(f"| {fmt} | `{report.path}` | {report.bytes / 2**20:.1f} | {parity} | {stsb} |")
+display(Markdown("\\n".join(rows)))
+if "int8" in reports:
+    sizes = reports["int8"].sizes
+    print(f"model.onnx: fp32 {sizes['onnx_fp32'] / 2**20:.1f} MiB, int8 {sizes['onnx_int8'] / 2**20:.1f} MiB "
+          f"({sizes['onnx_fp32'] / sizes['onnx_int8']:.1f}x smaller)")'''),
+    md("""**The model card** (README.md in each folder, shown here from the sentence-transformers one): the model,
+its training and evaluation when the run folder has them (`04_evaluate` writes `eval/results.md`), and how
+to load it."""),
+    code('''card = out / ("sentence-transformers" if "sentence-transformers" in reports else next(iter(reports))) / "README.md"
+text = card.read_text()
+display(Markdown(text.split("---", 2)[2] if text.startswith("---") else text))  # without the Hub's metadata header'''),
+    md("""**Check as a user would**: the sentence-transformers folder through `SentenceTransformer` and the ONNX
+folders through onnxruntime (`nsa_lib.export.OnnxEncoder`), next to `model.encode`; the cosine
+similarities of a few sentences should agree (int8 to about two decimals)."""),
+    code('''from sentence_transformers import SentenceTransformer
+from nsa_lib.export import OnnxEncoder
+
+SENTENCES = ["A man is playing a guitar.", "Someone is making music.", "A woman is slicing an onion."]
+vectors = {"model.encode": model.encode(SENTENCES, OUTPUT_KEY)}
+if "sentence-transformers" in reports:
+    loaded = SentenceTransformer(str(out / "sentence-transformers"), trust_remote_code=True, device="cpu")
+    vectors["SentenceTransformer"] = loaded.encode(SENTENCES, normalize_embeddings=True)
+for fmt in ("onnx", "int8"):
+    if fmt in reports:
+        vectors[f"onnxruntime {fmt}"] = OnnxEncoder(out / fmt, OUTPUT_KEY)(SENTENCES).numpy()
+pairs = [(0, 1), (0, 2), (1, 2)]
+rows = ["| pair | " + " | ".join(vectors) + " |", "|---|" + "---:|" * len(vectors)]
+for i, j in pairs:
+    rows.append(f"| {SENTENCES[i]} / {SENTENCES[j]} | " + " | ".join(f"{v[i] @ v[j]:.4f}" for v in vectors.values()) + " |")
+display(Markdown("\\n".join(rows)))'''),
+    md("""**The Hub** (`PUSH_TO_HUB`): uploads the sentence-transformers folder to `HUB_REPO_ID` (e.g.
+`your-name/spectra-nsa-minilm`, created if missing, private if `HUB_PRIVATE`); its model card then names
+that repository. Log in first with a token that can write: in Colab the prompt below, or a Colab secret
+named `HF_TOKEN` (the key icon on the left), which needs no prompt. Off by default (and in CI)."""),
+    code('''if PUSH_TO_HUB and IN_COLAB and not env.smoke:
+    from huggingface_hub import notebook_login
+
+    notebook_login()  # skipped when already logged in (an HF_TOKEN secret)'''),
+    code('''from huggingface_hub import get_token
+from nsa_lib.export import push_to_hub
+
+if not PUSH_TO_HUB or env.smoke:
+    print("not pushed: PUSH_TO_HUB is off" if not PUSH_TO_HUB else "not pushed: CI smoke mode")
+elif not HUB_REPO_ID:
+    print("not pushed: HUB_REPO_ID is empty; give the repository to create or update, e.g. your-name/spectra-nsa-minilm")
+elif "sentence-transformers" not in reports:
+    print("not pushed: add sentence-transformers to FORMATS (the folder that is uploaded)")
+elif get_token() is None:
+    print("not pushed: not logged in to the Hub; log in above (or add an HF_TOKEN secret), then run this cell again")
+else:
+    url = push_to_hub(out / "sentence-transformers", HUB_REPO_ID, private=HUB_PRIVATE)
+    print(f"pushed to https://huggingface.co/{HUB_REPO_ID} ({'private' if HUB_PRIVATE else 'public'}): {url}")'''),
+]
+
 notebook("01_setup", setup, accelerator=True)
 notebook("02_train", train, accelerator=True)
 notebook("03_monitor", monitor, accelerator=False)
 notebook("04_evaluate", evaluate, accelerator=False)
+notebook("05_export", export, accelerator=False)

@@ -11,6 +11,7 @@ deleted when it ends, as a disconnect wipes Colab's disk, so no later runtime ca
     runtime 3   02_train for "run1" again, as opened from its badge after a disconnect: resumes from Drive
     runtime 4   03_monitor for "run1": the finished run, read from Drive
     runtime 5   04_evaluate for "run1": its best model from Drive, against the baseline; results to Drive
+    runtime 6   05_export for "run1": its best model from Drive in every format, checked; exports to Drive
 """
 import json
 import os
@@ -123,6 +124,18 @@ def test_each_notebook_on_its_own_runtime_sharing_only_drive(tmp_path):
     ablation = json.loads((runs / "run1" / "ablation" / "report" / "results.json").read_text())
     assert set(ablation) == {"full", "no-spectral"}
     end(rt5)
+
+    rt6, env = new_runtime(tmp_path, "runtime6")
+    done = run_notebook(rt6, env, "05_export")
+    assert done.returncode == 0, done.stderr[-3000:]
+    exports = runs / "run1" / "export"
+    assert {p.name for p in exports.iterdir() if p.is_dir()} >= {"hf", "sentence-transformers", "onnx", "int8"}
+    for fmt in ("onnx", "sentence-transformers"):
+        assert json.loads((exports / fmt / "export.json").read_text())["parity"] <= 1e-4, fmt
+    assert (exports / "int8" / "model.onnx").stat().st_size < (exports / "onnx" / "model.onnx").stat().st_size
+    assert json.loads((exports / "int8" / "export.json").read_text())["min_cosine"] > 0.95
+    assert {"modules.json", "README.md"} <= {p.name for p in (exports / "sentence-transformers").iterdir()}
+    end(rt6)
 
     # the run resumed exactly: every step's loss equals the uninterrupted run's
     expected, got = step_losses(runs / "ref" / "metrics.jsonl"), step_losses(runs / "run1" / "metrics.jsonl")
