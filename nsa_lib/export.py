@@ -275,6 +275,7 @@ def _training_facts(run: Path | None, source: Path | None) -> dict[str, Any]:
         for marker in ("final.json", "best.json"):
             if (source / marker).is_file():
                 info = json.loads((source / marker).read_text())
+                facts["data"] = facts.get("data") or info.get("data")  # runs before 0.2.0's export: not recorded
                 facts["optimizer steps"] = info.get("step")
                 if "sts" in info:
                     facts["quick STS when saved"] = round(info["sts"], 4)

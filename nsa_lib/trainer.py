@@ -156,6 +156,7 @@ class Trainer:
 
         self.output_dir = Path(output_dir)
         self.init_from = init_from
+        self.data_name = str(data) if triplets is None else "triplets given in code"  # for the model card
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (new or a run's)")
@@ -429,7 +430,8 @@ class Trainer:
                 self._back_up(checkpoint)
         if self.accelerator.is_main_process:
             final = self.save_model("final", extra={"final.json": {
-                "step": self.state.step, "total_steps": self.total_steps, "complete": complete}})
+                "step": self.state.step, "total_steps": self.total_steps, "complete": complete,
+                "data": self.data_name, "init_from": str(self.init_from) if self.init_from else None}})
             logger.info("final model (step %d of %d) in %s", self.state.step, self.total_steps, final)
         self.accelerator.wait_for_everyone()
 
@@ -597,7 +599,7 @@ class Trainer:
                     self.state.evals_without_improvement = 0
                     # whatever save_every is: the best model is never pruned away
                     self.save_model("best", extra={"best.json": {"step": self.state.best_step,
-                                                                 "sts": self.state.best_sts}})
+                                                                 "sts": self.state.best_sts, "data": self.data_name}})
                     self._best_needs_backup = True
                 else:
                     self.state.evals_without_improvement += 1

@@ -243,25 +243,29 @@ def test_exports_refuse_bad_requests_and_leave_nothing_behind(tmp_path, tiny):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_the_model_card_describes_the_run(tmp_path, tiny):
-    """A run folder as training leaves it (config.json, final/ with final.json) and an eval report in
-    eval/: the card gives the config, the steps, the evaluation table and valid Hub metadata."""
+def test_the_model_card_describes_the_run(tmp_path):
+    """A run folder as a short real training run leaves it, plus an eval report in eval/: the card gives
+    the config, the data and steps, the evaluation table and metadata the Hub can read."""
+    from nsa_lib.data import load_snli_triplets, load_tokenizer
+    from nsa_lib.trainer import Trainer
+
     run = tmp_path / "run"
-    tiny.save_pretrained(run / "final")
-    (run / "final" / "final.json").write_text(json.dumps({"step": 1234, "total_steps": 1234, "complete": True}))
-    tiny.config.to_json(run / "config.json")
-    (run / "metrics.jsonl").write_text("")
+    config = NSAConfig.from_preset("tiny", batch_train=8, max_steps=4, save_every=2, eval_every=2, eval_pairs=40,
+                                   max_length=32)
+    Trainer(config, data="snli", output_dir=run, tokenizer=load_tokenizer(source="offline"), show_progress=False,
+            triplets=None).train()
     (run / "eval").mkdir()
     (run / "eval" / "results.md").write_text("# Evaluation\n\n| task | metric | Spectra-NSA |\n|---|---|---|\n"
                                              "| stsb-test | spearman | 0.8123 |\n")
+    parameters = NSAModel.from_pretrained(run / "final").num_parameters()
     for fmt in FORMATS:
         export(run, fmt, tmp_path / fmt, prefer="final", stsb=False)
         card = (tmp_path / fmt / "README.md").read_text()
         meta = yaml.safe_load(card.split("---")[1])
         assert meta["license"] == "apache-2.0" and "sentence-similarity" in meta["tags"]
         assert "| stsb-test | spearman | 0.8123 |" in card
-        assert "optimizer steps: 1234" in card
-        assert f"| parameters | {tiny.num_parameters():,} |" in card
+        assert "- data: snli" in card and "- optimizer steps: 4" in card and "- triplets per step: 8" in card
+        assert f"| parameters | {parameters:,} |" in card
         assert ("onnxruntime" in card) == (fmt in ("onnx", "int8"))
         assert ("SentenceTransformer(" in card) == (fmt == "sentence-transformers")
         assert json.loads((tmp_path / fmt / "export.json").read_text())["source"] == str(run / "final")
