@@ -89,6 +89,7 @@ class NSAConfig:
     # only, and the backbone learns from the semantic loss alone (a warm start's default: see nsa_lib.warmstart)
     detach_aux_heads: bool = False
     hard_negatives_in_infonce: bool = True  # False: the original's in-batch positives only
+    sem_symmetric: bool = True  # False: L_sem anchor -> [positives; negatives] only (no positive -> anchors)
     triplet_margin: float = 0.3
     temperature_start: float = 0.07
     temperature_end: float = 0.05

@@ -194,13 +194,15 @@ class NSALoss(nn.Module):
             raise ValueError("empty batch: no triplets to compute a loss on")
         hard = c.hard_negatives_in_infonce
 
-        def nce(key: str, sub=None) -> torch.Tensor:
+        def nce(key: str, sub=None, symmetric: bool = True) -> torch.Tensor:
             a, p, n = (out[key] if sub is None else out[key][sub] for out in (anchor, positive, negative))
+            if not symmetric:
+                return info_nce(a, p, temperature, n if hard else None, self.gather)
             return symmetric_info_nce(a, p, temperature, n if hard else None, self.gather)
 
         terms: dict[str, torch.Tensor] = {}
         dims = c.sem_dims if c.use_matryoshka else c.sem_dims[:1]
-        terms["sem"] = sum(w * nce("embedding_semantic", d) for d, w in zip(dims, c.sem_weights))
+        terms["sem"] = sum(w * nce("embedding_semantic", d, c.sem_symmetric) for d, w in zip(dims, c.sem_weights))
         if "anchor" in self.weights:
             terms["anchor"] = nce("anchor64")
         if "bridge" in self.weights:

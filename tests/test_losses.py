@@ -437,3 +437,18 @@ def test_unreached_parameters_are_exactly_those_without_gradient(off, toggle_bat
     without_grad = {name for name, p in model.named_parameters() if p.grad is None}
     assert without_grad == {name for name, _ in model.named_parameters()
                             if name.startswith(unreached_parameters(config))}
+
+
+def test_one_directional_sem_is_anchor_to_positives_and_negatives_only():
+    """`sem_symmetric=False`: L_sem = Σ_dim w_dim · InfoNCE(anchor -> [positives; negatives]); no
+    positive -> anchors direction; every other term unchanged."""
+    base_config, config = tiny_config(), tiny_config(sem_symmetric=False)
+    outs = make_outputs(base_config, seed=3)
+    base, one_way = run_loss(base_config, outs), run_loss(config, outs)
+    expected = sum(w * hand_info_nce(outs[0]["embedding_semantic"][d], outs[1]["embedding_semantic"][d], T,
+                                     outs[2]["embedding_semantic"][d])
+                   for d, w in zip(config.sem_dims, config.sem_weights))
+    assert abs(one_way.terms["sem"].item() - expected) <= TOL
+    assert abs(base.terms["sem"].item() - expected) > 1e-2
+    for name in set(base.terms) - {"sem"}:
+        assert torch.equal(one_way.terms[name], base.terms[name]), name
