@@ -246,14 +246,14 @@ def test_exports_refuse_bad_requests_and_leave_nothing_behind(tmp_path, tiny):
 def test_the_model_card_describes_the_run(tmp_path):
     """A run folder as a short real training run leaves it, plus an eval report in eval/: the card gives
     the config, the data and steps, the evaluation table and metadata the Hub can read."""
-    from nsa_lib.data import load_snli_triplets, load_tokenizer
+    from nsa_lib.data import load_tokenizer
     from nsa_lib.trainer import Trainer
 
     run = tmp_path / "run"
     config = NSAConfig.from_preset("tiny", batch_train=8, max_steps=4, save_every=2, eval_every=2, eval_pairs=40,
                                    max_length=32)
-    Trainer(config, data="snli", output_dir=run, tokenizer=load_tokenizer(source="offline"), show_progress=False,
-            triplets=None).train()
+    Trainer(config, data="snli", output_dir=run, tokenizer=load_tokenizer(source="offline"),
+            show_progress=False).train()
     (run / "eval").mkdir()
     (run / "eval" / "results.md").write_text("# Evaluation\n\n| task | metric | Spectra-NSA |\n|---|---|---|\n"
                                              "| stsb-test | spearman | 0.8123 |\n")
