@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a served repository's commit until it takes an upload
 
 
 class HubStandin:
@@ -34,6 +34,7 @@ class HubStandin:
         self.requests: list[tuple[str, str]] = []
         self.auth: list[str | None] = []
         self.created: list[dict] = []
+        self.commits: dict[str, str] = {}  # repo -> its last upload's commit (its contents' hash)
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,7 +96,7 @@ class HubStandin:
             api = f"/api/models/{repo}/"
             if path.startswith(api + "revision/") or path == api.rstrip("/"):
                 siblings = [{"rfilename": name} for name in self._files(repo)]
-                return self._json({"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
+                return self._json({"id": repo, "modelId": repo, "sha": self.commit(repo), "private": False,
                                    "siblings": siblings}), {}
             if path.startswith(api + "tree/"):
                 tree = []
@@ -111,9 +112,12 @@ class HubStandin:
                 if file is None:
                     return None
                 data = file.read_bytes()
-                return data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                return data, {"X-Repo-Commit": self.commit(repo), "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                               "Content-Type": "application/octet-stream"}
         return None
+
+    def commit(self, repo: str) -> str:
+        return self.commits.get(repo, COMMIT)
 
     def _post(self, path: str, body: bytes) -> tuple[int, dict]:
         answer = self._post_answer(path, body)
@@ -152,8 +156,12 @@ class HubStandin:
                         target = root / entry["value"]["path"]
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(base64.b64decode(entry["value"]["content"]))
-                return {"commitUrl": f"{self.endpoint}/{repo}/commit/{COMMIT}", "commitOid": COMMIT,
-                        "success": True}
+                digest = hashlib.sha1()
+                for name, file in self._files(repo).items():
+                    digest.update(name.encode() + hashlib.sha1(file.read_bytes()).digest())
+                self.commits[repo] = digest.hexdigest()  # new contents, new commit (as the Hub's git does)
+                return {"commitUrl": f"{self.endpoint}/{repo}/commit/{self.commits[repo]}",
+                        "commitOid": self.commits[repo], "success": True}
         return None
 
     @staticmethod
