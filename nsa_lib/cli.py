@@ -24,6 +24,7 @@ from pathlib import Path
 from .ablation import ABLATION_TOGGLES, DEFAULT_TASKS as ABLATION_TASKS, VARIANTS
 from .config import PRESETS, PRECISIONS, NSAConfig, estimate_parameters, estimate_training_memory, format_bytes
 from .evaluate import TASKS as EVAL_TASKS
+from .export import FORMATS as EXPORT_FORMATS
 
 
 def _add_size(p: argparse.ArgumentParser) -> None:
@@ -205,9 +206,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import FORMATS, export, push_to_hub
+    from .export import export, push_to_hub
 
-    formats = FORMATS if args.format == "all" else (args.format,)
+    formats = EXPORT_FORMATS if args.format == "all" else (args.format,)
     output = Path(args.output)
     reports = []
     for fmt in formats:
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a model for transformers, sentence-transformers, ONNX or INT8 ONNX "
                                       "(checked after writing), optionally pushed to the Hub")
     x.add_argument("--checkpoint", required=True, help="a model folder, a checkpoint, or a run folder")
-    x.add_argument("--format", required=True, choices=["hf", "sentence-transformers", "onnx", "int8", "all"],
+    x.add_argument("--format", required=True, choices=[*EXPORT_FORMATS, "all"],
                    help="'all': every format, each in its own subfolder of --output")
     x.add_argument("--output", required=True, help="the export folder (created; refused if not empty)")
     x.add_argument("--prefer", choices=["best", "final"], default="best",

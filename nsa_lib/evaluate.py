@@ -45,6 +45,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from .data import (DataSourceError, STSPair, Triplet, hub_reachable, load_snli_pairs, load_snli_triplets, load_stsb,
                    load_wordnet_glosses, offline_minilm_dir)
+from .model import embedding_keys
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,6 @@ def model_outputs(model, tokenizer, sentences: Sequence[str], keys: Sequence[str
                         show_progress=False, tokenizer=tokenizer)  # one pass for every key
     return {k: v if k.partition("@")[0] in ("anomaly_score", "spectral", "pooled") else F.normalize(v, dim=-1)
             for k, v in raw.items()}
-
-
-def embedding_keys(config) -> list[str]:
-    """Every embedding output of a model with `config`, Matryoshka dims spelled out (largest first)."""
-    keys = [f"embedding_semantic@{d}" for d in config.sem_dims] + [f"entity@{d}" for d in config.ent_dims]
-    keys += ["retrieval128"] + (["anchor64"] if config.use_anchor64 else []) + ["embedding_ranking"]
-    return keys
 
 
 def nsa_encoder(model, tokenizer, *, output: str = "embedding_semantic", dim: int | None = None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import NSAModel
+from .model import NSAModel, embedding_keys, length_order, pick_output
 
 FORMATS = ("hf", "sentence-transformers", "onnx", "int8")
 ONNX_OPSET = 17
@@ -83,13 +84,14 @@ class ExportReport:
 
 
 def onnx_output_names(model: NSAModel) -> list[str]:
-    """The ONNX graph's outputs, in order: each Matryoshka width as `<key>_<dim>`, the other outputs by
-    their key (`retrieval128`, `anchor64` if the model has it, `anomalous`, `spectral`, `anomaly_score`,
-    `embedding_ranking`, `pooled`). `last_hidden_state` is left out."""
-    c = model.config
-    names = [f"embedding_semantic_{d}" for d in c.sem_dims] + [f"entity_{d}" for d in c.ent_dims]
-    names += ["retrieval128"] + (["anchor64"] if model.anchor is not None else [])
-    return names + ["anomalous", "spectral", "anomaly_score", "embedding_ranking", "pooled"]
+    """The ONNX graph's outputs, in order: every embedding (`embedding_keys`, a Matryoshka width spelled
+    `<key>_<dim>`), then `anomalous`, `spectral`, `anomaly_score` and `pooled`. `last_hidden_state` is
+    left out."""
+    return [key.replace("@", "_") for key in _graph_keys(model)]
+
+
+def _graph_keys(model: NSAModel) -> list[str]:
+    return embedding_keys(model.config) + ["anomalous", "spectral", "anomaly_score", "pooled"]
 
 
 class OnnxGraph(nn.Module):
@@ -99,13 +101,13 @@ class OnnxGraph(nn.Module):
     def __init__(self, model: NSAModel):
         super().__init__()
         self.model = model
+        self.keys = _graph_keys(model)
         self.names = onnx_output_names(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model.forward_checked(input_ids, attention_mask.ne(0))
-        flat = {f"{key}_{d}": v for key in ("embedding_semantic", "entity") for d, v in out[key].items()}
-        flat.update({k: v for k, v in out.items() if not isinstance(v, dict)})
-        return tuple(flat[name] for name in self.names)
+        return tuple(pick_output(out, name, int(dim) if dim else None)
+                     for name, _, dim in (key.partition("@") for key in self.keys))
 
 
 def export_onnx(model: NSAModel, path: str | Path, *, opset: int = ONNX_OPSET) -> Path:
@@ -120,8 +122,6 @@ def export_onnx(model: NSAModel, path: str | Path, *, opset: int = ONNX_OPSET) -
     example = model.tokenizer(list(PARITY_SENTENCES[:3]), padding=True, return_tensors="pt")
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     dynamic.update({name: {0: "batch"} for name in graph.names})
-    import warnings
-
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on the shape switches named above
         torch.onnx.export(graph, (example["input_ids"], example["attention_mask"]), str(path), dynamo=False,
@@ -168,11 +168,10 @@ class OnnxEncoder:
         return dict(zip(self.names, values))
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order, restore = length_order(texts)
         parts = [self.run([texts[i] for i in order[s:s + self.batch_size]])[self.output]
                  for s in range(0, len(order), self.batch_size)]
-        out = torch.from_numpy(np.concatenate(parts)).float()[torch.argsort(torch.tensor(order))]
-        return torch.nn.functional.normalize(out, dim=-1)
+        return torch.nn.functional.normalize(torch.from_numpy(np.concatenate(parts)).float()[restore], dim=-1)
 
 
 def onnx_parity(model: NSAModel, folder: str | Path, texts: Sequence[str] = PARITY_SENTENCES,
@@ -379,12 +378,12 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, *, output_key: 
 
 def _write(model: NSAModel, source: Path | None, fmt: str, folder: Path, *, output_key: str, dim: int | None,
            verify: bool, stsb: bool) -> ExportReport:
-    from .hf_model import pick, write_folder
+    from .hf_model import write_folder
 
     report = ExportReport(format=fmt, path=str(folder), bytes=0, source=str(source) if source else "")
     with torch.no_grad():  # the chosen output exists (a clear error here, not in the user's process)
         probe = model.tokenizer(["probe"], return_tensors="pt")
-        pick(model(input_ids=probe["input_ids"]), output_key, dim)
+        pick_output(model(input_ids=probe["input_ids"]), output_key, dim)
     if fmt in ("hf", "sentence-transformers"):
         write_folder(model, model.tokenizer, folder, output=output_key, dim=dim,
                      sentence_transformers=fmt == "sentence-transformers")

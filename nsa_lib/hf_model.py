@@ -28,7 +28,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .config import NSAConfig
-from .model import NSAModel
+from .model import NSAModel, pick_output
 
 WEIGHTS_PREFIX = "nsa."
 MODULE = Path(__file__).stem  # 'hf_model', in nsa_lib and in an exported folder alike
@@ -65,19 +65,6 @@ class SpectraNSAOutput(ModelOutput):
     embeddings: dict[str, Any] | None = None
 
 
-def pick(outputs: dict[str, Any], output: str, dim: int | None) -> torch.Tensor:
-    """outputs[output], at `dim` (default the largest) for a Matryoshka output."""
-    if output not in outputs:
-        raise KeyError(f"no output {output!r}; outputs: {sorted(k for k in outputs if k != 'last_hidden_state')}")
-    value = outputs[output]
-    if isinstance(value, dict):
-        dim = max(value) if dim is None else int(dim)
-        if dim not in value:
-            raise KeyError(f"{output} has dims {sorted(value, reverse=True)}, not {dim}")
-        value = value[dim]
-    return value
-
-
 class SpectraNSAModel(PreTrainedModel):
     """NSAModel as a transformers model: `model(input_ids, attention_mask)` -> SpectraNSAOutput.
 
@@ -104,7 +91,7 @@ class SpectraNSAModel(PreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, output: str | None = None, dim: int | None = None,
                 **kwargs: Any) -> SpectraNSAOutput:
         out = self.nsa(input_ids=input_ids, attention_mask=attention_mask)
-        chosen = pick(out, output or self.config.output, dim if dim is not None else self.config.dim)
+        chosen = pick_output(out, output or self.config.output, dim if dim is not None else self.config.dim)
         return SpectraNSAOutput(pooler_output=chosen, last_hidden_state=out["last_hidden_state"], embeddings=out)
 
 
@@ -170,19 +157,16 @@ class SpectraNSASentenceEmbedder(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         out = self.model(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
-        features["sentence_embedding"] = pick(out, self.output, self.dim)
+        features["sentence_embedding"] = pick_output(out, self.output, self.dim)
         features["token_embeddings"] = out["last_hidden_state"]
         return features
 
     def get_sentence_embedding_dimension(self) -> int:
-        probe = self.model.config.sem_dims if self.output == "embedding_semantic" else None
         if self.dim is not None:
             return int(self.dim)
-        if probe:
-            return int(probe[0])
-        with torch.no_grad():
+        with torch.no_grad():  # the width of the chosen output, read off one token
             ids = torch.tensor([[0]], device=next(self.model.parameters()).device)
-            return int(pick(self.model(input_ids=ids), self.output, None).shape[-1])
+            return int(pick_output(self.model(input_ids=ids), self.output).shape[-1])
 
     def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
         write_folder(self.model, self.tokenizer, output_path, output=self.output, dim=self.dim,

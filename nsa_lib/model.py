@@ -326,7 +326,7 @@ class NSAModel(nn.Module):
         texts = _checked_texts(texts)
         tokenizer, device = tokenizer or self.tokenizer, next(self.parameters()).device
         max_length = max_length or self.config.max_length
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order, restore = length_order(texts)
         chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         show = len(texts) > 2000 if show_progress is None else show_progress
         was_training = self.training
@@ -340,21 +340,12 @@ class NSAModel(nn.Module):
                 out = self(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
                 for key in keys:
                     name, _, dim = key.partition("@")
-                    if name not in out:
-                        raise KeyError(f"no output {name!r}; outputs: {sorted(k for k in out if k != 'last_hidden_state')}")
-                    value = out[name]
-                    if isinstance(value, dict):
-                        if dim and int(dim) not in value:
-                            raise KeyError(f"{name} has dims {sorted(value, reverse=True)}, not {dim}")
-                        value = value[int(dim) if dim else max(value)]
-                    value = value.float()
+                    value = pick_output(out, name, int(dim) if dim else None).float()
                     if normalize and value.dim() == 2:
                         value = F.normalize(value, dim=-1)
                     chunks[key].append(value.cpu())
         finally:
             self.train(was_training)
-        restore = torch.empty(len(order), dtype=torch.long)
-        restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return {k: torch.cat(v)[restore] if v else torch.empty(0) for k, v in chunks.items()}
 
     def encode(self, texts: str | Sequence[str], output: str = "embedding_semantic", dim: int | None = None, *,
@@ -420,6 +411,36 @@ class NSAModel(nn.Module):
         if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
             model._tokenizer_folder = folder  # loaded on first use
         return model.to(map_location).eval()
+
+
+def pick_output(outputs: dict[str, Any], name: str, dim: int | None = None) -> torch.Tensor:
+    """outputs[name] of a forward pass; for a Matryoshka output (a dict of widths) the width `dim`, default
+    the largest. A KeyError names what exists."""
+    if name not in outputs:
+        raise KeyError(f"no output {name!r}; outputs: {sorted(k for k in outputs if k != 'last_hidden_state')}")
+    value = outputs[name]
+    if isinstance(value, dict):
+        dim = max(value) if dim is None else int(dim)
+        if dim not in value:
+            raise KeyError(f"{name} has dims {sorted(value, reverse=True)}, not {dim}")
+        value = value[dim]
+    return value
+
+
+def embedding_keys(config: NSAConfig) -> list[str]:
+    """Every embedding output of a model with `config`, Matryoshka dims spelled out (largest first)."""
+    keys = [f"embedding_semantic@{d}" for d in config.sem_dims] + [f"entity@{d}" for d in config.ent_dims]
+    keys += ["retrieval128"] + (["anchor64"] if config.use_anchor64 else []) + ["embedding_ranking"]
+    return keys
+
+
+def length_order(texts: Sequence[str]) -> tuple[list[int], torch.Tensor]:
+    """The indices of `texts`, shortest first (batches of similar length pad less), and the permutation
+    that puts rows computed in that order back in the order of `texts`."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return order, restore
 
 
 def _sibling(name: str):
