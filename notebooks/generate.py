@@ -32,6 +32,18 @@ run = RunPaths.for_run(RUN_NAME, drive)
 print("run folder:", run.folder, "| working checkpoints:", run.work)'''
 
 
+MODEL_CHOICE = """**The model**: the run's `best/` (highest quick STS) or `final/` model from Drive, the other if that one
+does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""
+
+LOAD_MODEL = '''from pathlib import Path
+from nsa_lib.environment import detect_environment
+from nsa_lib.evaluate import load_for_eval
+
+env = detect_environment()
+source = Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder
+model, where = load_for_eval(source, prefer=MODEL)'''
+
+
 def md(text):
     return {"cell_type": "markdown", "metadata": {}, "source": text}
 
@@ -255,16 +267,11 @@ RUN_ABLATION = False  #@param {type:"boolean"}
 ABLATION_STEPS = 300  #@param {type:"integer"}'''),
     code(INSTALL),
     code(DRIVE),
-    md("""**The model**: the run's `best/` (highest quick STS) or `final/` model from Drive, the other if that one
-does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""),
-    code('''from pathlib import Path
-from nsa_lib.environment import detect_environment
-from nsa_lib.evaluate import load_for_eval
+    md(MODEL_CHOICE),
+    code(LOAD_MODEL + '''
 
 import torch
 
-env = detect_environment()
-model, where = load_for_eval(Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder, prefer=MODEL)
 tokenizer = model.tokenizer  # the one saved with the model
 if torch.cuda.is_available():
     model = model.cuda()
@@ -279,7 +286,7 @@ limit = 40 if env.smoke else None  # CI: a few texts per task, the same code
 results = {"Spectra-NSA": evaluate(model_subject(model, tokenizer), TASKS, limit=limit)}
 if COMPARE_BASELINE:
     results["all-MiniLM-L6-v2"] = evaluate(encoder_subject(baseline_encoder()), TASKS, limit=limit)
-out = (Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder) / "eval"
+out = source / "eval"
 written = write_report(results, out, title=f"Evaluation of {where}")
 print("written:", ", ".join(p.name for p in written.values()), "to", out)'''),
     md("""**Results**: one row per task and metric (the headline output: `embedding_semantic` for STS,
@@ -354,15 +361,8 @@ HUB_REPO_ID = ""  #@param {type:"string"}
 HUB_PRIVATE = True  #@param {type:"boolean"}'''),
     code(INSTALL),
     code(DRIVE),
-    md("""**The model**: the run's `best/` (highest quick STS) or `final/` model from Drive, the other if that one
-does not exist yet, else its newest checkpoint; `MODEL_FOLDER` names any other folder instead."""),
-    code('''from pathlib import Path
-from nsa_lib.environment import detect_environment
-from nsa_lib.evaluate import load_for_eval
-
-env = detect_environment()
-source = Path(MODEL_FOLDER) if MODEL_FOLDER else run.folder
-model, where = load_for_eval(source, prefer=MODEL)
+    md(MODEL_CHOICE),
+    code(LOAD_MODEL + '''
 print(f"{where}: {model.num_parameters() / 1e6:.1f}M parameters, hidden {model.config.hidden_size}, "
       f"{model.config.num_layers} layers ({'BERT block' if model.config.architecture == 'bert' else 'preset ' + model.config.size}), "
       f"Matryoshka widths {model.config.sem_dims}")'''),
