@@ -177,8 +177,10 @@ def sts_spearman(encoder: Encoder, pairs: Sequence[STSPair]) -> float:
 
 
 def quick_sts_pairs(n: int = 200, seed: int = 42, source: str = "auto") -> list[STSPair]:
-    """The original's quick check: `n` STS-B test pairs after a seeded shuffle."""
-    pairs = load_stsb("test", source=source)
+    """The quick check during training: `n` STS-B dev (validation) pairs after a seeded shuffle. The
+    original drew them from the test set, and the best checkpoint it keeps is chosen by this check: a
+    model chosen on test pairs and then scored on the test set is scored on what chose it."""
+    pairs = load_stsb("dev", source=source)
     random.Random(seed).shuffle(pairs)
     return pairs[:n]
 

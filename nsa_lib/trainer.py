@@ -636,9 +636,9 @@ def _mean(values) -> float:
 
 
 def default_eval_fn(config: NSAConfig, with_baseline: bool = True) -> Callable:
-    """The original's quick check: STS-B Spearman on `config.eval_pairs` shuffled test pairs (seed 42),
-    with `embedding_semantic` at its largest dim; next to it the baseline all-MiniLM-L6-v2 scored on the
-    same pairs (measured once, when sentence-transformers is installed) and the original's target."""
+    """The original's quick check: STS-B Spearman on `config.eval_pairs` shuffled pairs (seed 42) of the dev
+    set (the original took test pairs: `quick_sts_pairs`), with `embedding_semantic` at its largest dim;
+    next to it the baseline all-MiniLM-L6-v2 scored on the same pairs (measured once, when sentence-transformers is installed) and the original's target."""
     from .evaluate import baseline_encoder, nsa_encoder, quick_sts_pairs, sts_spearman
 
     pairs = quick_sts_pairs(config.eval_pairs)

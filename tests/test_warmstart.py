@@ -167,6 +167,30 @@ def test_a_folder_that_is_no_bert_encoder_is_refused(tmp_path):
         NSAModel.from_pretrained_encoder(tmp_path / "nowhere-and-no-hub")
 
 
+def test_the_warm_starts_semantic_loss_is_sentence_transformers_mnrl(warm):
+    """A warm start trains `embedding_semantic` with the peer's loss: at each Matryoshka width, L_sem is
+    sentence-transformers' MultipleNegativesRankingLoss (anchor -> [positives; hard negatives], scale 1/T),
+    on the model's own outputs for real SNLI triplets."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from nsa_lib import NSALoss
+    from nsa_lib.data import load_snli_triplets
+
+    config, tokenizer = warm.config, load_tokenizer(source="offline")
+    assert not config.sem_symmetric and config.temperature_start == config.temperature_end == 0.05
+    triplets = load_snli_triplets("train")[:12]
+    outs = []
+    for side in ("anchor", "positive", "negative"):
+        enc = tokenizer([getattr(t, side) for t in triplets], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            outs.append(warm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+    loss = NSALoss(config, gather=False)(*outs, temperature=0.05)
+    mnrl = MultipleNegativesRankingLoss(None, scale=1 / 0.05)
+    expected = sum(w * mnrl.compute_loss_from_embeddings([o["embedding_semantic"][d] for o in outs], None)
+                   for d, w in zip(config.sem_dims, config.sem_weights))
+    assert loss.terms["sem"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_default_architecture_is_unchanged():
     assert NSAConfig.from_preset("M456").architecture == "nsa"
 
