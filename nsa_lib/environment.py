@@ -115,7 +115,6 @@ def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing:
     """Seconds per optimizer step of `preset` (or of a warm start from `base_model`: its shapes and batch)
     on this machine's accelerator (or CPU), measured: the model, AdamW and the seven losses on random
     tokens at the config's max_length, batch and accumulation."""
-    from .config import NSAConfig
     from .losses import NSALoss
     from .model import NSAModel
     from .trainer import split_outputs
