@@ -26,8 +26,13 @@ from nsa_lib.data import load_snli_triplets, load_stsb, load_tokenizer, offline_
 from nsa_lib.evaluate import baseline_encoder, nsa_encoder, st_encoder, sts_spearman  # noqa: E402
 
 
-def train_peer(minutes: float, max_steps: int, seed: int):
-    """The fine-tuned SentenceTransformer, the steps it took and the seconds they took."""
+def train_peer(minutes: float, max_steps: int, seed: int, *, device: str = "cpu", stop_at: int | None = None,
+               callbacks=()):
+    """The fine-tuned SentenceTransformer, the steps it took and the seconds they took.
+
+    It stops when `minutes` are spent or at step `stop_at` (a budget counted in steps, for a faster
+    device), whichever comes first; the schedule is planned for `max_steps`. Each of `callbacks` is a
+    `transformers.TrainerCallback` that is called with `model=` the SentenceTransformer."""
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
@@ -37,7 +42,7 @@ def train_peer(minutes: float, max_steps: int, seed: int):
     triplets = load_snli_triplets("train")
     data = Dataset.from_dict({"anchor": [t.anchor for t in triplets], "positive": [t.positive for t in triplets],
                               "negative": [t.negative for t in triplets]})
-    model = SentenceTransformer(str(offline_minilm_dir()), device="cpu")
+    model = SentenceTransformer(str(offline_minilm_dir()), device=device)
     model.max_seq_length = 64
     clock = {}
 
@@ -46,17 +51,18 @@ def train_peer(minutes: float, max_steps: int, seed: int):
             clock["start"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.perf_counter() - clock["start"] >= minutes * 60:
+            if time.perf_counter() - clock["start"] >= minutes * 60 or state.global_step == stop_at:
                 control.should_training_stop = True
 
     with tempfile.TemporaryDirectory() as tmp:
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, max_steps=max_steps, per_device_train_batch_size=32, learning_rate=2e-5,
             warmup_ratio=0.1, lr_scheduler_type="linear", batch_sampler=BatchSamplers.NO_DUPLICATES,
-            save_strategy="no", report_to="none", logging_steps=100, seed=seed, use_cpu=True,
+            save_strategy="no", report_to="none", logging_steps=100, seed=seed, use_cpu=device == "cpu",
             dataloader_drop_last=True)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                             loss=losses.MultipleNegativesRankingLoss(model), callbacks=[Budget()])
+                                             loss=losses.MultipleNegativesRankingLoss(model),
+                                             callbacks=[Budget(), *callbacks])
         trainer.train()
     return model, trainer.state.global_step, time.perf_counter() - clock["start"]
 

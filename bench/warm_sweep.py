@@ -8,7 +8,8 @@ triplets for `--steps` optimizer steps and scores `embedding_semantic` on the fu
 sets every `--eval-every` steps (768) and at the end (768/512/256). One JSON line per finished run goes
 to `--jsonl` as soon as it finishes, so a sweep cut short keeps what it measured. The runs are queued
 seed by seed (every variant's seed 0 first), so a deadline (`--deadline-s`) leaves balanced coverage.
-Variants are named in VARIANTS: settings of NSAConfig on top of the warm-start defaults, and three
+Variants are named in VARIANTS: settings of NSAConfig on top of the warm-start defaults, the peer
+(`st-mnrl`: sentence-transformers' MNRL on the same triplets, for its spread over seeds), and three
 diagnostics that no setting offers (`freeze-sem-head`, `post-dropout`, `moved-dropout`), which patch
 this process only. The README's table of warm-start settings was measured with it (on an H100, nine
 processes at once, about 230 s per 1,250-step run).
@@ -25,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {  # settings on top of encoder_config's warm-start defaults (L_sem in one direction)
     "default": {},
+    # the peer: sentence-transformers MNRL as bench/st_mnrl_budget.py trains it, planned for 960 steps and
+    # stopped at 911, the steps that 15 minutes on 2 CPU cores held (`--steps` does not apply)
+    "st-mnrl": {"_peer": (960, 911)},
     "no-spectral": {"use_spectral": False},
     "backbone-lr-3e-5": {"backbone_lr": 3e-5},
     "symmetric": {"sem_symmetric": True},  # L_sem in both directions, as SPEC's from-scratch model
@@ -85,13 +89,15 @@ def one_run(init_from: str, variant: str, seed: int, steps: int, eval_every: int
     from nsa_lib.warmstart import encoder_config
 
     torch.set_num_threads(2)
+    dev, test = load_stsb("dev"), load_stsb("test")
+    if "_peer" in VARIANTS[variant]:
+        return peer_run(variant, seed, *VARIANTS[variant]["_peer"], eval_every, dev, test)
     overrides = dict(VARIANTS[variant])
     patch_name = overrides.pop("_patch", None)
     overrides = {"max_steps": steps, **overrides}
     config = encoder_config(init_from, seed=seed, eval_every=eval_every, save_every=0, backup_every=0, **overrides)
     if patch_name:
         patch(patch_name, config)
-    dev, test = load_stsb("dev"), load_stsb("test")
     curve = []
     holder = {}
 
@@ -119,6 +125,33 @@ def one_run(init_from: str, variant: str, seed: int, steps: int, eval_every: int
     best = max(curve, key=lambda r: r["dev@768"]) if curve else None
     return {"variant": variant, "seed": seed, "steps": trainer.state.step, "seconds": round(seconds, 1),
             "final": final, "best_by_dev": best, "curve": curve, "device": str(next(model.parameters()).device)}
+
+
+def peer_run(variant: str, seed: int, planned: int, stop_at: int, eval_every: int, dev, test) -> dict:
+    """The peer's run, scored like ours: its normalised embedding (384 wide, the base model's)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from nsa_lib.evaluate import st_encoder, sts_spearman
+    from st_mnrl_budget import train_peer
+
+    def scores(model):
+        enc = st_encoder(model, batch_size=256)
+        return {"dev@384": round(sts_spearman(enc, dev), 4), "test@384": round(sts_spearman(enc, test), 4)}
+
+    curve = []
+
+    class Curve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % eval_every == 0:
+                curve.append({"step": state.global_step, **scores(model)})
+                model.train()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, steps, seconds = train_peer(1e9, planned, seed, device=device, stop_at=stop_at, callbacks=[Curve()])
+    best = max(curve, key=lambda r: r["dev@384"]) if curve else None
+    return {"variant": variant, "seed": seed, "steps": steps, "seconds": round(seconds, 1), "final": scores(model),
+            "best_by_dev": best, "curve": curve, "device": device}
 
 
 def main(argv=None):
@@ -167,13 +200,15 @@ def summarize(path: Path) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    print(f"{'variant':18} n  final dev/test@768            best-by-dev test@768 (step)   s/run")
+    print(f"{'variant':18} n  final dev/test (768; the peer 384)  best-by-dev test (step)   s/run")
     for v, rs in by.items():
-        fd = [r["final"]["dev@768"] for r in rs]
-        ft = [r["final"]["test@768"] for r in rs]
-        bt = [r["best_by_dev"]["test@768"] for r in rs if r["best_by_dev"]]
+        w = "384" if "dev@384" in rs[0]["final"] else "768"  # the peer's embedding is the base model's
+        fd = [r["final"][f"dev@{w}"] for r in rs]
+        ft = [r["final"][f"test@{w}"] for r in rs]
+        bt = [r["best_by_dev"][f"test@{w}"] for r in rs if r["best_by_dev"]]
         bs = [r["best_by_dev"]["step"] for r in rs if r["best_by_dev"]]
         print(f"{v:18} {len(rs)}  {statistics.mean(fd):.4f} / {statistics.mean(ft):.4f} "
+              f"(sd {statistics.stdev(ft) if len(ft) > 1 else 0:.4f}) "
               f"(test {min(ft):.4f}-{max(ft):.4f})   {statistics.mean(bt) if bt else float('nan'):.4f} {bs}   "
               f"{statistics.mean(r['seconds'] for r in rs):.0f}")
 
