@@ -31,6 +31,9 @@ VARIANTS = {  # settings on top of encoder_config's warm-start defaults (L_sem i
     "st-mnrl": {"_peer": (960, 911)},
     "no-spectral": {"use_spectral": False},
     "backbone-lr-3e-5": {"backbone_lr": 3e-5},
+    "lr-1e-4": {"lr": 1e-4},  # the new parts' learning rate (the semantic head's too)
+    "lr-5e-5": {"lr": 5e-5},
+    "steps-1000": {"max_steps": 1000},
     "symmetric": {"sem_symmetric": True},  # L_sem in both directions, as SPEC's from-scratch model
     "symmetric-no-spectral": {"sem_symmetric": True, "use_spectral": False},
     "symmetric-backbone-lr-3e-5": {"sem_symmetric": True, "backbone_lr": 3e-5},
