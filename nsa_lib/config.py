@@ -74,6 +74,8 @@ class NSAConfig:
     ranking_dim: int = 1536
     anomalous_dim: int = 2048  # max(1024, 2 * hidden) in the original presets
     num_anomalous_basis: int = 16
+    # the model carries a fitted out-of-distribution detector (output `ood_score`; NSAModel.fit_ood)
+    ood_detector: bool = False
     gradient_checkpointing: bool = False
     spectral_chunk_size: int = 512  # queries per chunk of the spectral path (bounds its memory)
 
@@ -118,6 +120,8 @@ class NSAConfig:
     eval_pairs: int = 200
     health_warmup_steps: int = 5000
     early_stopping_patience: int = 9999
+    # in-domain training texts the OOD detector of best/ and final/ is fitted on (0: none fitted)
+    ood_fit_texts: int = 2000
     seed: int = 42
     max_train_samples: int | None = 100_000  # None: no cap
     val_ratio: float = 0.02
@@ -158,6 +162,8 @@ class NSAConfig:
                      "max_length", "batch_train", "grad_accum", "spectral_chunk_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(isinstance(self.ood_fit_texts, int) and self.ood_fit_texts >= 0,
+             f"ood_fit_texts must be an integer >= 0, got {self.ood_fit_texts!r}")
         need(self.hidden_size % self.num_heads == 0,
              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         need(self.spectral_dim > 0, f"spectral_dim must be positive, got {self.spectral_dim}")

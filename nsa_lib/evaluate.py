@@ -22,7 +22,9 @@ Tasks (`TASKS`; each result is a dict of metrics under a task name):
   the pair cosines) of each dim with the largest.
 - `anomaly`: AUROC of `anomaly_score` between in-domain held-out texts (SNLI test sentences) and
   out-of-domain ones (WordNet glosses, Debian's wordnet-base); separation = mean OOD score - mean
-  in-domain score, also in pooled standard deviations (Cohen's d).
+  in-domain score, also in pooled standard deviations (Cohen's d). A model with a fitted OOD detector
+  (`NSAModel.fit_ood`; a trained run's best/ and final/) also reports `ood_auroc` of its `ood_score` on
+  the same texts and the share of each set above 0.5 (`ood_in_domain_flagged`, `ood_out_of_domain_flagged`).
 - `spectral`: entropy (nats) of softmax(`spectral`) on the in-domain texts: mean and std (the maximum is
   ln(spectral_dim)).
 
@@ -73,7 +75,7 @@ def model_outputs(model, tokenizer, sentences: Sequence[str], keys: Sequence[str
     L2-normalised, 'anomaly_score' and 'spectral' as the model gives them."""
     raw = model.outputs(sentences, keys, batch_size=batch_size, max_length=max_length, normalize=False,
                         show_progress=False, tokenizer=tokenizer)  # one pass for every key
-    return {k: v if k.partition("@")[0] in ("anomaly_score", "spectral", "pooled") else F.normalize(v, dim=-1)
+    return {k: v if k.partition("@")[0] in ("anomaly_score", "ood_score", "spectral", "pooled") else F.normalize(v, dim=-1)
             for k, v in raw.items()}
 
 
@@ -130,7 +132,7 @@ class Subject:
 
 def model_subject(model, tokenizer, *, name: str = "Spectra-NSA", batch_size: int = 64) -> Subject:
     """Our model as a Subject: every embedding output, cached per sentence (cleared by `evaluate`)."""
-    keys = embedding_keys(model.config) + ["anomaly_score", "spectral"]
+    keys = embedding_keys(model.config) + ["anomaly_score", "spectral"] + (["ood_score"] if model.ood is not None else [])
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def outputs(sentences: Sequence[str], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -142,6 +144,7 @@ def model_subject(model, tokenizer, *, name: str = "Spectra-NSA", batch_size: in
         return {k: torch.stack([cache[s][k] for s in sentences]) for k in wanted}
 
     outputs.cache = cache  # type: ignore[attr-defined]
+    outputs.keys = keys  # type: ignore[attr-defined]
     encoders = {k: (lambda sentences, k=k: outputs(sentences, [k])[k]) for k in embedding_keys(model.config)}
     matryoshka = [k for k in encoders if k.startswith(("embedding_semantic@", "entity@"))]
     return Subject(name, encoders, f"embedding_semantic@{max(model.config.sem_dims)}", "embedding_ranking",
@@ -398,10 +401,16 @@ def task_anomaly(subject: Subject, limit: int | None = None) -> dict[str, dict]:
     s_out = subject.outputs(out_of_domain, ["anomaly_score"])["anomaly_score"]
     pooled_std = math.sqrt(0.5 * (float(s_in.var()) + float(s_out.var())))
     separation = float(s_out.mean() - s_in.mean())
-    return {"anomaly": {"auroc": auroc(s_in, s_out), "separation": separation,
-                        "separation_sd": separation / pooled_std if pooled_std > 0 else 0.0,
-                        "in_domain_mean": float(s_in.mean()), "out_of_domain_mean": float(s_out.mean()),
-                        "n": len(in_domain), "histogram": score_histogram(s_in, s_out)}}
+    result = {"auroc": auroc(s_in, s_out), "separation": separation,
+              "separation_sd": separation / pooled_std if pooled_std > 0 else 0.0,
+              "in_domain_mean": float(s_in.mean()), "out_of_domain_mean": float(s_out.mean()),
+              "n": len(in_domain), "histogram": score_histogram(s_in, s_out)}
+    if "ood_score" in getattr(subject.outputs, "keys", ()):
+        o_in = subject.outputs(in_domain, ["ood_score"])["ood_score"]
+        o_out = subject.outputs(out_of_domain, ["ood_score"])["ood_score"]
+        result.update(ood_auroc=auroc(o_in, o_out), ood_in_domain_flagged=float((o_in > 0.5).float().mean()),
+                      ood_out_of_domain_flagged=float((o_out > 0.5).float().mean()))
+    return {"anomaly": result}
 
 
 def score_histogram(in_domain: torch.Tensor, out_of_domain: torch.Tensor, bins: int = 30) -> dict[str, list]:

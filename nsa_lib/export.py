@@ -85,13 +85,14 @@ class ExportReport:
 
 def onnx_output_names(model: NSAModel) -> list[str]:
     """The ONNX graph's outputs, in order: every embedding (`embedding_keys`, a Matryoshka width spelled
-    `<key>_<dim>`), then `anomalous`, `spectral`, `anomaly_score` and `pooled`. `last_hidden_state` is
-    left out."""
+    `<key>_<dim>`), then `anomalous`, `spectral`, `anomaly_score`, `ood_score` (if the model has a fitted OOD
+    detector) and `pooled`. `last_hidden_state` is left out."""
     return [key.replace("@", "_") for key in _graph_keys(model)]
 
 
 def _graph_keys(model: NSAModel) -> list[str]:
-    return embedding_keys(model.config) + ["anomalous", "spectral", "anomaly_score", "pooled"]
+    ood = ["ood_score"] if model.ood is not None else []
+    return embedding_keys(model.config) + ["anomalous", "spectral", "anomaly_score", *ood, "pooled"]
 
 
 class OnnxGraph(nn.Module):

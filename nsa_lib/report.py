@@ -19,7 +19,8 @@ HEADLINE = {"stsb": "spearman", "sick": "spearman", "sts1": "spearman", "retriev
 TABLE_METRICS = {"stsb": ("spearman", "pearson"), "sick": ("spearman", "pearson"), "sts1": ("spearman", "pearson"),
                  "retrieval": ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"),
                  "clustering": ("v_measure", "v_measure_std"),
-                 "anomaly": ("auroc", "separation", "separation_sd"), "spectral": ("entropy_mean", "entropy_std")}
+                 "anomaly": ("auroc", "separation", "separation_sd", "ood_auroc", "ood_in_domain_flagged",
+                             "ood_out_of_domain_flagged"), "spectral": ("entropy_mean", "entropy_std")}
 
 
 def _family(task: str) -> str:

@@ -44,7 +44,7 @@ from .config import NSAConfig
 from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
 from .gradcache import cached_step
 from .losses import NSALoss, temperature_at, unreached_parameters
-from .model import NSAModel
+from .model import NSAModel, fit_ood_detector
 from .monitor import TARGET_STS, embedding_stats, gradient_stats, health_warnings
 from .runfolder import (STATE_FILE, RunFolderExists, RunLock, checkpoint_name, clear_run,  # noqa: F401
                         find_resume_checkpoint, list_checkpoints, previous_run, remove_folder, resumed_config,
@@ -255,6 +255,7 @@ class Trainer:
         self.tokenizer = tokenizer or load_tokenizer()
         triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples, seed=c.seed)
         train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)
+        self._ood_texts = self._ood_fit_texts(train, self.val_triplets)
         tokenized = TokenizedTriplets.build(train, self.tokenizer, c.max_length)
         self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0,
                                       group_factor=50 if c.group_by_length else 1)
@@ -264,6 +265,20 @@ class Trainer:
                              f"{c.batch_train} x {c.grad_accum} x {self.world} processes")
         self.steps_per_epoch = per_epoch
         self.total_steps = c.max_steps or c.epochs * per_epoch
+
+    def _ood_fit_texts(self, train, val) -> tuple[list[str], list[str] | None] | None:
+        """The in-domain texts the OOD detector of best/ and final/ is fitted on (a seeded sample of the
+        training anchors and positives, `ood_fit_texts` of them) and calibrated on (the validation anchors and
+        positives that no training triplet holds; None if fewer than 10: a fifth of the fit texts is held
+        out instead). None when `ood_fit_texts` is 0 or the data hold fewer than 50 distinct texts."""
+        n = self.config.ood_fit_texts
+        texts = list(dict.fromkeys(s for t in train for s in (t.anchor, t.positive)))
+        if n == 0 or len(texts) < 50:
+            return None
+        random.Random(self.config.seed).shuffle(texts)
+        seen = {s for t in train for s in (t.anchor, t.positive, t.negative)}
+        held = list(dict.fromkeys(s for t in val for s in (t.anchor, t.positive) if s not in seen))
+        return texts[:n], held if len(held) >= 10 else None
 
     def _build_model_and_optimizer(self) -> None:
         """The model (its loss-less parts frozen), AdamW (no decay on biases, norms, embeddings), the cosine
@@ -326,10 +341,19 @@ class Trainer:
         """The current model as `output_dir/<name>/` (config.json, model.safetensors, the `extra` JSON files,
         manifest.json), written whole or not at all. Used for best/ and final/ (main process only)."""
         model = self.accelerator.unwrap_model(self.model)
+        detector, extra = None, dict(extra or {})
+        if self._ood_texts is not None:  # the saved model gets an OOD detector; the one in training does not
+            detector, stats = fit_ood_detector(model, *self._ood_texts, seed=self.config.seed,
+                                               tokenizer=self.tokenizer, show_progress=False)
+            extra["ood.json"] = stats
 
         def fill(folder: Path) -> None:
-            model.save_pretrained(folder, tokenizer=self.tokenizer)  # a model folder reads text by itself
-            for file, content in (extra or {}).items():
+            model.attach_ood(detector)
+            try:
+                model.save_pretrained(folder, tokenizer=self.tokenizer)  # a model folder reads text by itself
+            finally:
+                model.attach_ood(None)
+            for file, content in extra.items():
                 (folder / file).write_text(json.dumps(content))
 
         return write_folder(self.output_dir / name, fill)
