@@ -10,6 +10,9 @@
     python -m nsa_lib eval --baseline minilm --tasks stsb --json      one JSON object: task -> metrics
     python -m nsa_lib ablate --init-from all-MiniLM-L6-v2 --max-steps 300 --output-dir runs/ablate
                                                      the same budget with each component off, evaluated
+    python -m nsa_lib fit-ood --checkpoint runs/tiny --output runs/tiny/with-ood
+                                                     an OOD detector (output ood_score) fitted on the
+                                                     run's training texts, for a model trained without one
     python -m nsa_lib export --checkpoint runs/tiny --format onnx --output exports/onnx
                                                      ONNX with pooling and heads inside, checked against
                                                      PyTorch (formats: hf, sentence-transformers, onnx, int8)
@@ -224,6 +227,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_ood(args: argparse.Namespace) -> int:
+    from .data import load_triplets, ood_fit_texts, split_train_val
+    from .evaluate import load_for_eval
+
+    model, where = load_for_eval(Path(args.checkpoint), prefer=args.prefer)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"{output} is not empty: pass --overwrite to replace what it holds")
+    c = model.config
+    if args.texts:  # one in-domain text per line; a fifth held out for the calibration
+        lines = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines()]
+        fit, held = [line for line in lines if line][:args.max_texts], None
+    else:  # the training data's split, as the run drew it: calibrated on validation texts it never trained on
+        train, val = split_train_val(load_triplets(args.data, max_samples=c.max_train_samples, seed=c.seed),
+                                     c.val_ratio, c.seed)
+        chosen = ood_fit_texts(train, val, args.max_texts, c.seed)
+        if chosen is None:
+            raise ValueError(f"{args.data} holds fewer than 50 distinct texts: too few to fit an OOD detector")
+        fit, held = chosen
+    stats = model.fit_ood(fit, held, seed=c.seed)
+    model.save_pretrained(output)
+    (output / "ood.json").write_text(json.dumps(stats))
+    print(f"{where} -> {output}: OOD detector fitted on {stats['n_fit']} texts, calibrated on "
+          f"{stats['n_calibration']} (d2 median {stats['q50']:.1f}, 95th percentile {stats['q95']:.1f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nsa_lib", description="Spectra-NSA command line.")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -326,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--private", action="store_true", help="create the Hub repository private")
     x.add_argument("--token", help="Hub token (default: the one `huggingface-cli login` stored)")
     x.set_defaults(func=cmd_export)
+
+    o = sub.add_parser("fit-ood", help="fit the out-of-distribution detector (output ood_score) of a model on "
+                                       "in-domain texts and save the model with it")
+    o.add_argument("--checkpoint", required=True, help="a model folder, a checkpoint, or a run folder")
+    o.add_argument("--output", required=True, help="the model folder to write (refused if not empty)")
+    o.add_argument("--data", default="snli", help="the training data (snli, msmarco or a triplet file), split as "
+                                                 "the run split it (default snli)")
+    o.add_argument("--texts", help="instead: a text file of in-domain texts, one per line")
+    o.add_argument("--max-texts", type=int, default=2000, help="texts to fit on (default 2000)")
+    o.add_argument("--prefer", choices=["best", "final"], default="final", help="which model of a run folder")
+    o.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    o.set_defaults(func=cmd_fit_ood)
     return parser
 
 

@@ -473,6 +473,21 @@ def split_train_val(triplets: Sequence[Triplet], val_ratio: float, seed: int) ->
     return [triplets[i] for i in order[n_val:]], [triplets[i] for i in order[:n_val]]
 
 
+def ood_fit_texts(train: Sequence[Triplet], val: Sequence[Triplet], n: int,
+                  seed: int) -> tuple[list[str], list[str] | None] | None:
+    """The in-domain texts an OOD detector is fitted on (`NSAModel.fit_ood`): a seeded sample of `n` of the
+    training anchors and positives, and the validation anchors and positives that no training triplet holds
+    for its calibration (None if fewer than 10: a fifth of the fit texts is held out instead). None when `n`
+    is 0 or the data hold fewer than 50 distinct texts."""
+    texts = list(dict.fromkeys(s for t in train for s in (t.anchor, t.positive)))
+    if n == 0 or len(texts) < 50:
+        return None
+    random.Random(seed).shuffle(texts)
+    seen = {s for t in train for s in (t.anchor, t.positive, t.negative)}
+    held = list(dict.fromkeys(s for t in val for s in (t.anchor, t.positive) if s not in seen))
+    return texts[:n], held if len(held) >= 10 else None
+
+
 # tokenizer
 
 

@@ -409,7 +409,8 @@ def task_anomaly(subject: Subject, limit: int | None = None) -> dict[str, dict]:
         o_in = subject.outputs(in_domain, ["ood_score"])["ood_score"]
         o_out = subject.outputs(out_of_domain, ["ood_score"])["ood_score"]
         result.update(ood_auroc=auroc(o_in, o_out), ood_in_domain_flagged=float((o_in > 0.5).float().mean()),
-                      ood_out_of_domain_flagged=float((o_out > 0.5).float().mean()))
+                      ood_out_of_domain_flagged=float((o_out > 0.5).float().mean()),
+                      ood_histogram=score_histogram(o_in, o_out))
     return {"anomaly": result}
 
 

@@ -138,16 +138,19 @@ def matryoshka_curve(results: dict[str, dict[str, dict]]):
 
 
 def anomaly_histogram(results: dict[str, dict[str, dict]]):
-    """In-domain against out-of-domain anomaly scores, for each subject that has them."""
-    with_scores = {s: r["anomaly"] for s, r in results.items() if "anomaly" in r}
-    fig = _figure(4.5 * max(1, len(with_scores)), 3.2)
-    for n, (subject, a) in enumerate(with_scores.items(), 1):
-        ax = fig.add_subplot(1, len(with_scores), n)
-        h = a["histogram"]
+    """In-domain against out-of-domain scores, one panel per subject and score: `anomaly_score`, and
+    `ood_score` where the model has an OOD detector."""
+    panels = [(s, "anomaly_score", r["anomaly"]["auroc"], r["anomaly"]["histogram"])
+              for s, r in results.items() if "anomaly" in r]
+    panels += [(s, "ood_score", r["anomaly"]["ood_auroc"], r["anomaly"]["ood_histogram"])
+               for s, r in results.items() if "ood_histogram" in r.get("anomaly", {})]
+    fig = _figure(4.5 * max(1, len(panels)), 3.2)
+    for n, (subject, score, value, h) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), n)
         for label, counts in (("in-domain (SNLI test)", h["in_domain"]), ("out-of-domain (WordNet)", h["out_of_domain"])):
             ax.stairs(counts, h["edges"], fill=True, alpha=0.5, label=label)
-        ax.set_title(f"{subject}: AUROC {a['auroc']:.3f}", fontsize=9)
-        ax.set_xlabel("anomaly_score")
+        ax.set_title(f"{subject}: AUROC {value:.3f}", fontsize=9)
+        ax.set_xlabel(score)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -41,7 +41,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .backup import BackupManager, backup_target
 from .config import NSAConfig
-from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, split_train_val)
+from .data import (TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets, ood_fit_texts,
+                   split_train_val)
 from .gradcache import cached_step
 from .losses import NSALoss, temperature_at, unreached_parameters
 from .model import NSAModel, fit_ood_detector
@@ -255,7 +256,7 @@ class Trainer:
         self.tokenizer = tokenizer or load_tokenizer()
         triplets = triplets if triplets is not None else load_triplets(data, max_samples=c.max_train_samples, seed=c.seed)
         train, self.val_triplets = split_train_val(triplets, c.val_ratio, c.seed)
-        self._ood_texts = self._ood_fit_texts(train, self.val_triplets)
+        self._ood_texts = ood_fit_texts(train, self.val_triplets, c.ood_fit_texts, c.seed)
         tokenized = TokenizedTriplets.build(train, self.tokenizer, c.max_length)
         self.batches = TripletBatches(tokenized, c.batch_train, seed=c.seed, pad_id=self.tokenizer.pad_token_id or 0,
                                       group_factor=50 if c.group_by_length else 1)
@@ -265,20 +266,6 @@ class Trainer:
                              f"{c.batch_train} x {c.grad_accum} x {self.world} processes")
         self.steps_per_epoch = per_epoch
         self.total_steps = c.max_steps or c.epochs * per_epoch
-
-    def _ood_fit_texts(self, train, val) -> tuple[list[str], list[str] | None] | None:
-        """The in-domain texts the OOD detector of best/ and final/ is fitted on (a seeded sample of the
-        training anchors and positives, `ood_fit_texts` of them) and calibrated on (the validation anchors and
-        positives that no training triplet holds; None if fewer than 10: a fifth of the fit texts is held
-        out instead). None when `ood_fit_texts` is 0 or the data hold fewer than 50 distinct texts."""
-        n = self.config.ood_fit_texts
-        texts = list(dict.fromkeys(s for t in train for s in (t.anchor, t.positive)))
-        if n == 0 or len(texts) < 50:
-            return None
-        random.Random(self.config.seed).shuffle(texts)
-        seen = {s for t in train for s in (t.anchor, t.positive, t.negative)}
-        held = list(dict.fromkeys(s for t in val for s in (t.anchor, t.positive) if s not in seen))
-        return texts[:n], held if len(held) >= 10 else None
 
     def _build_model_and_optimizer(self) -> None:
         """The model (its loss-less parts frozen), AdamW (no decay on biases, norms, embeddings), the cosine

@@ -157,3 +157,26 @@ def test_no_detector_when_switched_off(tmp_path):
             triplets=load_snli_triplets("train")[:200], show_progress=False).train()
     assert NSAModel.from_pretrained(tmp_path / "run" / "final").ood is None
     assert not (tmp_path / "run" / "final" / "ood.json").exists()
+
+
+def test_cli_fit_ood_gives_a_model_trained_without_one_a_detector(tmp_path, capsys):
+    from nsa_lib.cli import main
+
+    config = NSAConfig.from_preset("tiny", batch_train=8, grad_accum=1, max_steps=2, save_every=0, eval_every=0,
+                                   max_length=32, ood_fit_texts=0, max_train_samples=400, val_ratio=0.05)
+    Trainer(config, data="snli", output_dir=tmp_path / "run", tokenizer=load_tokenizer(source="offline"),
+            show_progress=False).train()
+    assert NSAModel.from_pretrained(tmp_path / "run" / "final").ood is None
+    assert main(["fit-ood", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "ood"),
+                 "--max-texts", "300"]) == 0
+    stats = json.loads((tmp_path / "ood" / "ood.json").read_text())
+    assert stats["n_fit"] == 300 and stats["n_calibration"] >= 10  # the run's own validation texts
+    assert "calibrated on" in capsys.readouterr().out
+    assert NSAModel.from_pretrained(tmp_path / "ood").ood is not None
+    (tmp_path / "texts.txt").write_text("\n".join(domain_texts(200)[0]))
+    assert main(["fit-ood", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "ood"),
+                 "--texts", str(tmp_path / "texts.txt")]) == 2  # refused: the folder is not empty
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["fit-ood", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "ood"),
+                 "--texts", str(tmp_path / "texts.txt"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "ood" / "ood.json").read_text())["n_calibration"] == 40  # a fifth of 200
