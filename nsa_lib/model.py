@@ -248,6 +248,8 @@ def fit_ood_detector(model: "NSAModel", texts: Sequence[str], calibration_texts:
     detector.whiten.copy_(vectors * values.clamp_min(1e-12 * float(values.max())).rsqrt())
     d2 = detector.distance(held_out).double()
     q50, q95 = torch.quantile(d2, 0.5).item(), torch.quantile(d2, 0.95).item()
+    if not (math.isfinite(q50) and math.isfinite(q95) and torch.isfinite(detector.whiten).all()):
+        raise ValueError("the model's embeddings of the in-domain texts are not finite: no OOD detector fitted")
     detector.calibration.copy_(torch.tensor([q95, max((q95 - q50) / math.log(19), 1e-6)]))
     return detector, {"n_fit": len(fit), "n_calibration": n_cal, "q50": q50, "q95": q95}
 
@@ -365,11 +367,10 @@ class NSAModel(nn.Module):
                 **kwargs: Any) -> dict[str, float]:
         """Fit the out-of-distribution detector on in-domain `texts`, calibrate it on `calibration_texts`
         (in-domain texts the model was not trained on; default: a fifth of `texts`, held out) and attach it:
-        from then on the outputs
-        include `ood_score` (0.05 at the in-domain median, 0.5 at its 95th percentile; see OODDetector),
-        and `save_pretrained` keeps it. Replaces a detector fitted before. `kwargs` go to
-        `fit_ood_detector` (shrinkage, calibration_fraction, seed, batch_size, tokenizer, show_progress).
-        Returns n_fit, n_calibration, q50, q95.
+        from then on the outputs include `ood_score` (0.05 at the in-domain median, 0.5 at its 95th
+        percentile; see OODDetector), and `save_pretrained` keeps it. Replaces a detector fitted before.
+        `kwargs` go to `fit_ood_detector` (shrinkage, calibration_fraction, seed, batch_size, tokenizer,
+        show_progress). Returns n_fit, n_calibration, q50, q95.
 
         Example:
             >>> model.fit_ood(training_texts, held_out_texts)
@@ -428,8 +429,8 @@ class NSAModel(nn.Module):
 
         keys: 'embedding_semantic@512' (a Matryoshka output at one dim), 'embedding_semantic' (its largest
         dim), 'embedding_ranking', 'pooled', 'spectral', 'anomaly_score', 'ood_score' (once fitted), ...
-        Texts run in batches of similar
-        length (less padding); `normalize` L2-normalises the vector outputs. The train/eval mode is restored
+        Texts run in batches of similar length (less padding); `normalize` L2-normalises the vector
+        outputs. The train/eval mode is restored
         afterwards. A progress bar shows for more than 2,000 texts unless `show_progress` says otherwise.
         `tokenizer` replaces the model's own for this call."""
         texts = _checked_texts(texts)

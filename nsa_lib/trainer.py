@@ -330,9 +330,12 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         detector, extra = None, dict(extra or {})
         if self._ood_texts is not None:  # the saved model gets an OOD detector; the one in training does not
-            detector, stats = fit_ood_detector(model, *self._ood_texts, seed=self.config.seed,
-                                               tokenizer=self.tokenizer, show_progress=False)
-            extra["ood.json"] = stats
+            try:
+                detector, stats = fit_ood_detector(model, *self._ood_texts, seed=self.config.seed,
+                                                   tokenizer=self.tokenizer, show_progress=False)
+                extra["ood.json"] = stats
+            except (ValueError, RuntimeError) as e:  # e.g. a diverged model: the model is saved all the same
+                logger.warning("%s/ is saved without an OOD detector: %s", name, e)
 
         def fill(folder: Path) -> None:
             model.attach_ood(detector)

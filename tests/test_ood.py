@@ -180,3 +180,16 @@ def test_cli_fit_ood_gives_a_model_trained_without_one_a_detector(tmp_path, caps
     assert main(["fit-ood", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "ood"),
                  "--texts", str(tmp_path / "texts.txt"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "ood" / "ood.json").read_text())["n_calibration"] == 40  # a fifth of 200
+
+
+def test_a_model_with_non_finite_embeddings_is_still_saved_without_a_detector(tmp_path):
+    config = NSAConfig.from_preset("tiny", batch_train=8, grad_accum=1, max_steps=1, save_every=0, eval_every=0,
+                                   max_length=32, ood_fit_texts=200)
+    trainer = Trainer(config, output_dir=tmp_path / "run", tokenizer=load_tokenizer(source="offline"),
+                      triplets=load_snli_triplets("train")[:200], show_progress=False)
+    with torch.no_grad():
+        trainer.model.sem_head.proj.weight.fill_(float("nan"))
+    folder = trainer.save_model("final")
+    assert NSAModel.from_pretrained(folder).ood is None and not (folder / "ood.json").exists()
+    with pytest.raises(ValueError, match="not finite"):
+        fit_ood_detector(trainer.model, *trainer._ood_texts)
