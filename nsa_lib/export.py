@@ -198,16 +198,22 @@ def onnx_min_cosine(model: NSAModel, folder: str | Path, output: str = "embeddin
 
 def quantize_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     """onnxruntime's dynamic quantisation: weights of the MatMul/Gemm nodes to int8, activations quantised
-    on the fly. Returns `out_path`."""
+    on the fly, except the OOD detector's whitening (`/ood/` nodes: the Mahalanobis distance magnifies the
+    error of its low-variance directions; kept in float it halves the int8 export's mean |ood_score| error,
+    0.115 to 0.043 on the 15-minute warm start). Returns `out_path`."""
     import logging
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    keep_float = [node.name for node in graph.node if node.name.startswith("/ood/")]
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its notes on pre-processing and on the integer tensors it leaves alone
     try:
-        quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8, nodes_to_exclude=keep_float)
     finally:
         root.setLevel(level)
     return Path(out_path)

@@ -193,3 +193,18 @@ def test_a_model_with_non_finite_embeddings_is_still_saved_without_a_detector(tm
     assert NSAModel.from_pretrained(folder).ood is None and not (folder / "ood.json").exists()
     with pytest.raises(ValueError, match="not finite"):
         fit_ood_detector(trainer.model, *trainer._ood_texts)
+
+
+def test_the_int8_export_keeps_the_detectors_whitening_in_float(tmp_path, tiny_model, snli_texts):
+    import onnx
+
+    from nsa_lib.export import export
+
+    model = copy_of(tiny_model)
+    model.fit_ood(snli_texts[0][:300], snli_texts[1][:100])
+    model.save_pretrained(tmp_path / "model", tokenizer=model.tokenizer)
+    export(tmp_path / "model", "int8", tmp_path / "int8")
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    ood_ops = {n.op_type for n in graph.node if n.name.startswith("/ood/")}
+    assert "MatMul" in ood_ops and not ood_ops & {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert any(n.op_type == "MatMulInteger" for n in graph.node)  # the rest is quantised
