@@ -110,7 +110,9 @@ def test_the_best_model_is_kept_whatever_save_every_is_and_backed_up(tmp_path, d
     best = tmp_path / "run" / "best"
     assert verify_folder(best) is None and json.loads((best / "best.json").read_text())["step"] == 4
     saved = NSAModel.from_pretrained(best).state_dict()
-    assert all(torch.equal(saved[k], snapshots[4][k]) for k in saved)  # the model of step 4 exactly
+    trained = snapshots[4]
+    assert set(trained) <= set(saved) and all(torch.equal(saved[k], trained[k]) for k in trained)  # step 4 exactly
+    assert {k for k in saved if k not in trained} == {"ood.center", "ood.whiten", "ood.calibration"}  # + its detector
     assert "best" in FolderTarget(tmp_path / "drive").names()
     assert verify_folder(tmp_path / "drive" / "best") is None
 
