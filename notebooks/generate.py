@@ -90,24 +90,25 @@ PRESET = "auto"  #@param ["auto", "tiny", "mini", "M456", "M600", "M700", "M1B"]
 DATA = "auto"  #@param ["auto", "msmarco", "snli"]'''),
     code(INSTALL),
     code(DRIVE),
-    md("""**This machine and the plan.** A few optimizer steps are timed here (of the base model, or of each
-candidate preset: random tokens at the sequence length, batch and accumulation it trains with); the steps
-that fit in `HOURS` follow."""),
-    code('''from nsa_lib.environment import base_model_name, detect_environment, plan_run
+    md("""**This machine and the data.** MS MARCO triplets stream from the Hugging Face Hub (only the rows the
+run uses); without the Hub, SNLI triplets from an offline pack. STS-B (for the quick checks) and the tokenizer
+likewise."""),
+    code('''from nsa_lib.data import fetch_pack, hub_reachable, load_stsb, load_tokenizer
+from nsa_lib.environment import base_model_name, detect_environment, plan_run
 
 env = detect_environment()
 print(env.describe())
-plan = plan_run(env, HOURS, preset=None if PRESET == "auto" else PRESET, base_model=base_model_name(BASE_MODEL))
-print(plan.reason)'''),
-    md("""**Data.** MS MARCO triplets stream from the Hugging Face Hub (only the rows the run uses); without the
-Hub, SNLI triplets from an offline pack. STS-B (for the quick checks) and the tokenizer likewise."""),
-    code('''from nsa_lib.data import fetch_pack, hub_reachable, load_stsb, load_tokenizer
-
 data = DATA if DATA != "auto" else ("msmarco" if hub_reachable() and not env.smoke else "snli")
 if data == "snli":
     fetch_pack("snli")
 tokenizer = load_tokenizer()
 print(f"training data: {data}; STS-B test pairs: {len(load_stsb('test'))}; tokenizer vocabulary {tokenizer.vocab_size}")'''),
+    md("""**The plan.** A few optimizer steps are timed here (of the base model, or of each candidate preset) on
+batches of the training data as the run will draw them, at its batch size and accumulation; the steps that
+fit in `HOURS` follow."""),
+    code('''plan = plan_run(env, HOURS, preset=None if PRESET == "auto" else PRESET, base_model=base_model_name(BASE_MODEL),
+                data=data)
+print(plan.reason)'''),
     md("""**The run configuration**, written to the run folder. An existing run of this name is kept as it is
 (choose another `RUN_NAME` for a new run)."""),
     code('''from nsa_lib.environment import environment_dict, read_run_config, save_run_config
@@ -251,8 +252,9 @@ evaluate = [
 Evaluates a run's model (found on Drive by `RUN_NAME`, or any local folder) on every task, side by side
 with the baseline a user would otherwise pick (all-MiniLM-L6-v2, measured live): STS-B for every output and
 Matryoshka dim (SICK-R and STS12-16 when the Hub is reachable), retrieval (held-out triplets, SNLI test,
-NanoMSMARCO), clustering, the Matryoshka curve, anomaly detection against out-of-domain text (WordNet
-glosses), and the spectral entropy. Results go to the run folder (`eval/`). An optional last section
+NanoMSMARCO), clustering, the Matryoshka curve, out-of-distribution detection against WordNet glosses
+(SPEC's `anomaly_score`, and the fitted detector's `ood_score` that every trained model carries), and the
+spectral entropy. Results go to the run folder (`eval/`). An optional last section
 trains the ablation variants on one budget and compares them.
 
 Takes 10-20 minutes on a CPU runtime for a MiniLM-sized model and the baseline (a GPU: a few minutes);
@@ -295,8 +297,8 @@ print("written:", ", ".join(p.name for p in written.values()), "to", out)'''),
 
 display(Markdown(markdown_table(results)))'''),
     md("""**Per task against the baseline**, **the Matryoshka curve** (STS-B test over the dims, and how well each
-dim keeps the largest one's ranking) and **anomaly scores**, in-domain (SNLI test) against out-of-domain
-(WordNet glosses)."""),
+dim keeps the largest one's ranking) and **anomaly scores** (`anomaly_score`, and
+`ood_score` where the model has an OOD detector), in-domain (SNLI test) against out-of-domain (WordNet glosses)."""),
     code('''for name in ("tasks", "matryoshka", "anomaly"):
     if name in written:
         display(Image(filename=str(written[name])))'''),

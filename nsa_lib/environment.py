@@ -110,11 +110,36 @@ class Plan:
     base_model: str | None = None  # a warm start's pretrained encoder (preset is then "custom")
 
 
+def run_batches(config, data: str, count: int, *, base_model: str | None = None, seed: int = 0) -> list[dict]:
+    """`count` batches of `data` ("snli", "msmarco" or a triplet file) as a run of `config` draws them:
+    read by its tokenizer (the encoder's for a warm start), truncated to its max_length, batched by
+    TripletBatches (length-grouped if the config says so), padded by its collate. A sample of
+    50 batches' worth of triplets is read, so that length grouping groups as in training."""
+    from .data import TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets
+
+    if base_model:
+        from .warmstart import encoder_tokenizer
+
+        tokenizer = encoder_tokenizer(base_model)
+    else:
+        tokenizer = load_tokenizer()
+    triplets = load_triplets(data, max_samples=max(50 * config.batch_train, 512), seed=seed)
+    tokenized = TokenizedTriplets.build(triplets, tokenizer, config.max_length)
+    batches = TripletBatches(tokenized, config.batch_train, seed=seed, pad_id=tokenizer.pad_token_id or 0,
+                             group_factor=50 if config.group_by_length else 1)
+    order = [b for epoch in range(1 + count // max(len(batches), 1)) for b in batches.batches(epoch)]
+    if not order:
+        raise ValueError(f"{data}: {len(triplets)} triplets make no batch of {config.batch_train}")
+    return [batches.collate(order[i % len(order)]) for i in range(count)]
+
+
 def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing: bool, *, base_model: str | None = None,
-                     timed: int = 2, warmup: int = 1) -> float:
+                     data: str | None = None, timed: int = 2, warmup: int = 1) -> float:
     """Seconds per optimizer step of `preset` (or of a warm start from `base_model`: its shapes and batch)
-    on this machine's accelerator (or CPU), measured: the model, AdamW and the seven losses on random
-    tokens at the config's max_length, batch and accumulation."""
+    on this machine's accelerator (or CPU), measured: the model, AdamW and the seven losses at the
+    config's batch and accumulation, on batches of the run's `data` as its trainer draws them
+    (`run_batches`: the model's per-token layers see only real tokens, so a step's time follows the
+    data's lengths), or without `data` on random tokens at the config's max_length (the longest step)."""
     from .losses import NSALoss
     from .model import NSAModel
     from .trainer import split_outputs
@@ -122,18 +147,25 @@ def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = training_config({"preset": preset, "base_model": base_model}, precision=precision,
                              gradient_checkpointing=gradient_checkpointing)
+    micro = (warmup + timed) * config.grad_accum
+    if data is None:
+        ids = torch.randint(1000, config.vocab_size, (3 * config.batch_train, config.max_length))
+        batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * micro
+    else:
+        batches = run_batches(config, data, micro, base_model=base_model)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     model = NSAModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     loss_fn = NSALoss(config, gather=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ids = torch.randint(1000, config.vocab_size, (3 * config.batch_train, config.max_length), device=device)
-    mask = torch.ones_like(ids)
+    feed = iter(batches)
 
     def step():
         for _ in range(config.grad_accum):
+            batch = next(feed)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(*split_outputs(model(input_ids=ids, attention_mask=mask), 3), temperature=0.07)
+                loss = loss_fn(*split_outputs(model(**batch), 3), temperature=0.07)
             scaler.scale(loss.total / config.grad_accum).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -164,7 +196,7 @@ def training_config(settings: dict, **options):
 
 
 def plan_run(env: Environment, hours: float, *, preset: str | None = None, base_model: str | None = None,
-             smoke_steps: int = 6) -> Plan:
+             data: str | None = None, smoke_steps: int = 6) -> Plan:
     """What to train in `hours` (PLAN_MARGIN of it) on this machine, from a few steps timed here.
 
     With `base_model` (a warm start, e.g. "all-MiniLM-L6-v2"): that encoder, in bf16 / fp16 on a GPU (fp32
@@ -173,14 +205,19 @@ def plan_run(env: Environment, hours: float, *, preset: str | None = None, base_
     largest first; on a CPU or TPU runtime `mini` then `tiny` (said as such); `preset` fixes the preset
     (the steps are still planned for `hours`). In smoke mode (CI): `smoke_steps` steps of the base model,
     or of `tiny`, through the same timing code.
+
+    Steps are timed on batches of the run's `data` ("snli", "msmarco" or a triplet file), as its trainer
+    draws them: a step's time follows the data's token lengths (a warm start from all-MiniLM-L6-v2 on
+    SNLI takes ~0.7 s per step on 2 CPU cores, ~26 s on random tokens at its max_length of 256). Without
+    `data`, on random tokens at max_length: the longest step, and a plan of that many fewer steps.
     """
     if hours <= 0:
         raise ValueError(f"HOURS must be positive, got {hours}")
     budget = hours * 3600 * PLAN_MARGIN
     if base_model:
-        return _plan_warm_start(env, base_model, hours, budget, smoke_steps)
+        return _plan_warm_start(env, base_model, hours, budget, smoke_steps, data)
     if env.smoke:
-        spent = seconds_per_step("tiny", "no", False, timed=1, warmup=1)
+        spent = seconds_per_step("tiny", "no", False, data=data, timed=1, warmup=1)
         return Plan("tiny", "no", False, smoke_steps, spent,
                     f"CI smoke mode: tiny, {smoke_steps} steps ({spent:.2f} s per step measured here)")
     if env.gpu_memory_bytes is None:
@@ -202,11 +239,12 @@ def plan_run(env: Environment, hours: float, *, preset: str | None = None, base_
         where += f", preset {name} as asked"
     tried = []
     for name, precision, checkpointing in candidates:
-        per_step = seconds_per_step(name, precision, checkpointing)
+        per_step = seconds_per_step(name, precision, checkpointing, data=data)
         steps = int(budget / per_step)
         tried.append(f"{name} {per_step:.2f} s/step")
         if steps >= MIN_STEPS or (name, precision, checkpointing) == candidates[-1]:
-            reason = (f"{where}: {name} takes {per_step:.2f} s per optimizer step here, so {steps:,} steps fill "
+            reason = (f"{where}: {name} takes {per_step:.2f} s per optimizer step here ({_timed_on(data)}), "
+                      f"so {steps:,} steps fill "
                       f"{hours:g} h ({PLAN_MARGIN:.0%} of it; the rest for evaluations and backups)")
             if len(tried) > 1:
                 reason += f"; larger presets would train fewer than {MIN_STEPS:,} steps ({', '.join(tried[:-1])})"
@@ -216,9 +254,14 @@ def plan_run(env: Environment, hours: float, *, preset: str | None = None, base_
     raise AssertionError("unreachable: the last candidate always returns")
 
 
-def _plan_warm_start(env: Environment, base_model: str, hours: float, budget: float, smoke_steps: int) -> Plan:
+def _timed_on(data: str | None) -> str:
+    return f"timed on {data} batches" if data else "timed on random tokens at the longest length"
+
+
+def _plan_warm_start(env: Environment, base_model: str, hours: float, budget: float, smoke_steps: int,
+                     data: str | None) -> Plan:
     precision = "no" if env.smoke or env.gpu_memory_bytes is None else ("bf16" if env.bf16_supported else "fp16")
-    per_step = seconds_per_step(None, precision, False, base_model=base_model, timed=1 if env.smoke else 2)
+    per_step = seconds_per_step(None, precision, False, base_model=base_model, data=data, timed=1 if env.smoke else 2)
     if env.smoke:
         return Plan("custom", precision, False, smoke_steps, per_step,
                     f"CI smoke mode: warm start from {base_model}, {smoke_steps} steps ({per_step:.2f} s per step "
@@ -226,7 +269,8 @@ def _plan_warm_start(env: Environment, base_model: str, hours: float, budget: fl
     fit = int(budget / per_step)
     steps = max(1, min(fit, WARM_START_MAX_STEPS))
     where = f"{env.gpu_name}, {precision}" if env.gpu_name else "no GPU on this runtime"
-    reason = (f"{where}: a warm start from {base_model} takes {per_step:.2f} s per optimizer step here, so "
+    reason = (f"{where}: a warm start from {base_model} takes {per_step:.2f} s per optimizer step here "
+              f"({_timed_on(data)}), so "
               f"{fit:,} steps fill {hours:g} h ({PLAN_MARGIN:.0%} of it)")
     if fit > WARM_START_MAX_STEPS:
         reason += (f"; planned {WARM_START_MAX_STEPS:,} (about {WARM_START_MAX_STEPS * per_step / 3600 / PLAN_MARGIN:.1f} h): "
@@ -322,7 +366,7 @@ def settings_for_base_model(run: RunPaths, settings: dict, env: Environment, bas
     if started:
         return settings, [f"BASE_MODEL {said(base_model)}: this run started from {said(planned)} and keeps it; a "
                           f"new RUN_NAME starts from {said(base_model)}"]
-    plan = plan_run(env, float(settings.get("hours", 1)), base_model=base_model)
+    plan = plan_run(env, float(settings.get("hours", 1)), base_model=base_model, data=settings.get("data"))
     updated = {**settings, "preset": plan.preset, "base_model": plan.base_model, "precision": plan.precision,
                "gradient_checkpointing": plan.gradient_checkpointing, "max_steps": plan.max_steps, "plan": plan.reason}
     save_run_config(run, updated)

@@ -151,3 +151,15 @@ def test_each_notebook_on_its_own_runtime_sharing_only_drive(tmp_path):
     assert json.loads((runs / "run1" / "final" / "config.json").read_text())["architecture"] == "bert"
     assert (runs / "run1" / "dashboard.png").stat().st_size > 10_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("runtime")]  # each runtime's disk is gone
+
+
+def test_the_committed_notebooks_are_what_generate_py_writes(tmp_path):
+    """notebooks/generate.py is where the notebooks are edited: a change made only in an .ipynb file would be
+    lost at the next generation (as 04_evaluate's text about ood_score once nearly was)."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "notebooks").mkdir()
+    subprocess.run([sys.executable, str(root / "notebooks" / "generate.py")], cwd=tmp_path, check=True)
+    written = sorted(p.name for p in (tmp_path / "notebooks").glob("*.ipynb"))
+    assert written == sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) and len(written) == 5
+    for name in written:
+        assert (tmp_path / "notebooks" / name).read_text() == (root / "notebooks" / name).read_text(), name
