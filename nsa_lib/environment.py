@@ -113,8 +113,10 @@ class Plan:
 def run_batches(config, data: str, count: int, *, base_model: str | None = None, seed: int = 0) -> list[dict]:
     """`count` batches of `data` ("snli", "msmarco" or a triplet file) as a run of `config` draws them:
     read by its tokenizer (the encoder's for a warm start), truncated to its max_length, batched by
-    TripletBatches (length-grouped if the config says so), padded by its collate. A sample of
-    50 batches' worth of triplets is read, so that length grouping groups as in training."""
+    TripletBatches (length-grouped if the config says so), padded by its collate. Of a sample of 50
+    batches' worth of triplets (so that length grouping groups as in training), the batches at evenly
+    spaced quantiles of their padded size: a few of them cost what an average batch costs, where a few
+    drawn at random from length-grouped batches (short ones and long ones) are off by half."""
     from .data import TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets
 
     if base_model:
@@ -127,10 +129,11 @@ def run_batches(config, data: str, count: int, *, base_model: str | None = None,
     tokenized = TokenizedTriplets.build(triplets, tokenizer, config.max_length)
     batches = TripletBatches(tokenized, config.batch_train, seed=seed, pad_id=tokenizer.pad_token_id or 0,
                              group_factor=50 if config.group_by_length else 1)
-    order = [b for epoch in range(1 + count // max(len(batches), 1)) for b in batches.batches(epoch)]
-    if not order:
+    drawn = [batches.collate(b) for b in batches.batches(0)]
+    if not drawn:
         raise ValueError(f"{data}: {len(triplets)} triplets make no batch of {config.batch_train}")
-    return [batches.collate(order[i % len(order)]) for i in range(count)]
+    drawn.sort(key=lambda b: b["input_ids"].numel())
+    return [drawn[int((i + 0.5) / count * len(drawn))] for i in range(count)]
 
 
 def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing: bool, *, base_model: str | None = None,
@@ -147,13 +150,14 @@ def seconds_per_step(preset: str | None, precision: str, gradient_checkpointing:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = training_config({"preset": preset, "base_model": base_model}, precision=precision,
                              gradient_checkpointing=gradient_checkpointing)
-    micro = (warmup + timed) * config.grad_accum
+    micro = timed * config.grad_accum
     if data is None:
         ids = torch.randint(1000, config.vocab_size, (3 * config.batch_train, config.max_length))
         batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * micro
     else:
         batches = run_batches(config, data, micro, base_model=base_model)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    largest = max(batches, key=lambda b: b["input_ids"].numel())  # warm-up: the largest, allocating once
+    batches = [{k: v.to(device) for k, v in b.items()} for b in [largest] * warmup * config.grad_accum + batches]
     model = NSAModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     loss_fn = NSALoss(config, gather=False)
