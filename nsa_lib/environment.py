@@ -18,6 +18,7 @@ Nothing here imports Colab at module level: `google.colab` is only touched insid
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -110,6 +111,14 @@ class Plan:
     base_model: str | None = None  # a warm start's pretrained encoder (preset is then "custom")
 
 
+@functools.lru_cache(maxsize=4)
+def _sample_triplets(data: str, count: int, seed: int) -> tuple:
+    """Read once per plan: each candidate preset is timed on the same sample (MS MARCO streams it)."""
+    from .data import load_triplets
+
+    return tuple(load_triplets(data, max_samples=count, seed=seed))
+
+
 def run_batches(config, data: str, count: int, *, base_model: str | None = None, seed: int = 0) -> list[dict]:
     """`count` batches of `data` ("snli", "msmarco" or a triplet file) as a run of `config` draws them:
     read by its tokenizer (the encoder's for a warm start), truncated to its max_length, batched by
@@ -117,7 +126,7 @@ def run_batches(config, data: str, count: int, *, base_model: str | None = None,
     batches' worth of triplets (so that length grouping groups as in training), the batches at evenly
     spaced quantiles of their padded size: a few of them cost what an average batch costs, where a few
     drawn at random from length-grouped batches (short ones and long ones) are off by half."""
-    from .data import TokenizedTriplets, TripletBatches, load_tokenizer, load_triplets
+    from .data import TokenizedTriplets, TripletBatches, load_tokenizer
 
     if base_model:
         from .warmstart import encoder_tokenizer
@@ -125,7 +134,7 @@ def run_batches(config, data: str, count: int, *, base_model: str | None = None,
         tokenizer = encoder_tokenizer(base_model)
     else:
         tokenizer = load_tokenizer()
-    triplets = load_triplets(data, max_samples=max(50 * config.batch_train, 512), seed=seed)
+    triplets = _sample_triplets(data, max(50 * config.batch_train, 512), seed)
     tokenized = TokenizedTriplets.build(triplets, tokenizer, config.max_length)
     batches = TripletBatches(tokenized, config.batch_train, seed=seed, pad_id=tokenizer.pad_token_id or 0,
                              group_factor=50 if config.group_by_length else 1)
